@@ -1,0 +1,183 @@
+"""A suite: a model plus one SAE per site.
+
+A suite is given as
+  - ``starter``: saeflow's own SAEs for the embedded default (trained on first use, then cached);
+  - a folder of SAE folders (each SAE's own file names its site through its hook name), with an
+    optional ``suite.json`` (``{"model": ..., "name": ..., ...}``) beside them;
+  - a spec file (``.json`` or ``.toml``): ``{"model": "smollm2", "saes": {"12/res": "path", ...}}``
+    and/or ``"folder": "path"``; relative paths are relative to the spec file;
+  - a preset name for a public pack (see ``saeflow.presets``).
+SAEs are read lazily on first access, so a 90-site suite opens instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from saeflow.formats import load_sae, save_saelens
+from saeflow.sae import SAE, SAEFileError
+from saeflow.sites import Site
+
+SUITE_JSON = "suite.json"
+STARTER = "starter"
+
+
+@dataclass
+class Suite:
+    paths: dict[Site, Path | None]  # where each site's SAE lives (None: in memory only)
+    model: str | None = None  # a model spec for saeflow.models.load_model
+    name: str = "suite"
+    root: Path | None = None
+    info: dict = field(default_factory=dict)  # suite.json: training settings, quality, ...
+    _saes: dict[Site, SAE] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_saes(cls, saes: dict[Site | str, SAE] | Iterable[SAE], model: str | None = None,
+                  name: str = "suite") -> Suite:
+        if not isinstance(saes, dict):
+            saes = {s.site: s for s in saes}
+        saes = {Site.parse(k): v for k, v in saes.items()}
+        for site, sae in saes.items():
+            if sae.site is None:
+                saes[site] = sae.replace(site=site)
+        return cls(paths={s: None for s in saes}, model=model, name=name, _saes=dict(saes))
+
+    # ---- access -----------------------------------------------------------------------
+    def sites(self, kind: str | None = None) -> list[Site]:
+        return sorted(s for s in self.paths if kind is None or s.kind == kind)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({s.layer for s in self.paths})
+
+    @property
+    def n_layers(self) -> int:
+        return max(self.layers) + 1 if self.paths else 0
+
+    def __contains__(self, site) -> bool:
+        return Site.parse(site) in self.paths
+
+    def __getitem__(self, site: Site | str) -> SAE:
+        site = Site.parse(site)
+        if site not in self.paths:
+            raise KeyError(f"suite {self.name!r} has no SAE at {site}; it has: "
+                           f"{', '.join(map(str, self.sites()))}")
+        if site not in self._saes:
+            sae = load_sae(self.paths[site], site)
+            if sae.site != site:
+                raise SAEFileError(f"{self.paths[site]}: its hook names site {sae.site}, but the "
+                                   f"suite lists it as {site}")
+            self._saes[site] = sae
+        return self._saes[site]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_model(self, device: str | None = "cpu", dtype: str = "float32"):
+        """Load the suite's model and check every SAE fits its site."""
+        from saeflow.models import load_model
+        if not self.model:
+            raise ValueError(f"suite {self.name!r} names no model; pass --model")
+        lm = load_model(self.model, device=device, dtype=dtype)
+        self.check_widths(lm)
+        return lm
+
+    def check_widths(self, lm) -> None:
+        """Raise if any SAE's input width does not fit the model's site."""
+        for site in self.sites():
+            sae = self[site]
+            if site.layer >= lm.n_layers or sae.d_in != lm.site_width(site):
+                raise ValueError(f"SAE at {site} ({self.paths[site] or 'memory'}) has d_in "
+                                 f"{sae.d_in}; model {lm.name} has layers 0..{lm.n_layers - 1} "
+                                 f"of width {lm.d_model}")
+
+    # ---- saving -----------------------------------------------------------------------
+    def save(self, folder: str | Path, model_name: str = "") -> Path:
+        """Write every SAE as a SAELens folder named by its site slug, plus suite.json."""
+        folder = Path(folder)
+        for site in self.sites():
+            save_saelens(self[site], folder / site.slug, model_name=model_name or self.model or "")
+        write_json_atomic(folder / SUITE_JSON, {**self.info, "model": self.model, "name": self.name})
+        return folder
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_spec(path: Path) -> dict:
+    if path.suffix == ".toml":
+        import tomllib
+        try:
+            return tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _scan_folder(folder: Path) -> dict[Site, Path]:
+    """Every SAE folder directly inside ``folder``, keyed by the site its file names."""
+    from saeflow.formats import READERS
+    found: dict[Site, Path] = {}
+    for sub in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+        if not any(detect(sub) for _, detect, _ in READERS):
+            continue
+        sae_site = load_sae(sub).site  # reads the config; weights are small next to a model
+        if sae_site in found:
+            raise ValueError(f"{folder}: two SAEs for site {sae_site}: {found[sae_site]} and {sub}")
+        found[sae_site] = sub
+    return found
+
+
+def load_suite(spec: str | Path, model: str | None = None) -> Suite:
+    """Open a suite (see the module docstring for the forms ``spec`` takes)."""
+    spec_s = str(spec)
+    if spec_s in (STARTER, "smollm2-starter"):
+        from saeflow.train import ensure_starter_suite
+        return load_suite(ensure_starter_suite(), model=model)
+    path = Path(spec_s).expanduser()
+    if path.is_dir():
+        info = {}
+        if (path / SUITE_JSON).exists():
+            info = json.loads((path / SUITE_JSON).read_text())
+            sites = info.get("sites")
+            paths = ({Site.parse(s): path / Site.parse(s).slug for s in sites} if sites
+                     else _scan_folder(path))
+        else:
+            paths = _scan_folder(path)
+        if not paths:
+            raise ValueError(f"{path}: no SAE folders found inside")
+        return Suite(paths=paths, model=model or info.get("model"),
+                     name=info.get("name", path.name), root=path, info=info)
+    if path.suffix in (".json", ".toml") and path.exists():
+        data = _read_spec(path)
+        paths: dict[Site, Path] = {}
+        if "folder" in data:
+            paths.update(load_suite(path.parent / data["folder"]).paths)
+        for site, p in (data.get("saes") or {}).items():
+            paths[Site.parse(site)] = (path.parent / p).resolve()
+        if not paths:
+            raise ValueError(f"{path}: a suite spec needs 'saes' (site -> path) or 'folder'")
+        return Suite(paths=paths, model=model or data.get("model"), name=data.get("name", path.stem),
+                     root=path.parent, info=data)
+    from saeflow import presets
+    if spec_s in presets.PRESETS:
+        return presets.open_preset(spec_s, model=model)
+    raise FileNotFoundError(f"suite {spec_s!r} is not 'starter', an existing folder, a .json/.toml "
+                            f"spec file, or a preset ({', '.join(presets.PRESETS)})")
