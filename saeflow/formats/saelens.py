@@ -135,7 +135,10 @@ def save_saelens(sae: SAE, folder: str | Path, model_name: str = "", extra: dict
         "apply_b_dec_to_input": apply_b,
         "normalize_activations": "layer_norm" if sae.input_norm == "layer_norm" else "none",
         "reshape_activations": "none",
-        "metadata": {"model_name": model_name, "hook_name": sae.site.hook_name,
+        # sae_lens_version marks the v6 layout: without it SAELens rebuilds the metadata from
+        # top-level keys (pre-6 files) and drops hook_name.
+        "metadata": {"sae_lens_version": "6.0.0", "model_name": model_name,
+                     "hook_name": sae.site.hook_name,
                      "hook_layer": sae.site.layer, "saeflow_site": str(sae.site),
                      **(extra or {})},
     }
