@@ -1,0 +1,35 @@
+"""``saeflow demo``: the whole method on the embedded default, ending in one HTML report."""
+
+from __future__ import annotations
+
+
+def add(subparsers) -> None:
+    from saeflow.cli import add_model_args
+    from saeflow.demo import DEFAULT_THEMES
+    p = subparsers.add_parser(
+        "demo", help="run the whole method on the embedded default and write an HTML report",
+        description="Trains the SmolLM2 starter suite if it is not cached, computes the atlas, "
+                    "finds seed features for a few themes, traces their flow graphs, runs a "
+                    "small causal check and a small steering comparison, and writes "
+                    "OUT/report.html plus the raw results. Re-running reuses everything cached.")
+    p.add_argument("--out", default="saeflow-demo", help="output folder (default ./saeflow-demo)")
+    p.add_argument("--suite", default="starter",
+                   help="suite: 'starter' (default), a folder, a spec file or a preset")
+    p.add_argument("--theme", action="append", default=None,
+                   help=f"a theme (repeatable; default: {', '.join(DEFAULT_THEMES)})")
+    p.add_argument("--quick", action="store_true",
+                   help="a four-layer suite trained on few tokens and tiny stages (for CI)")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from saeflow.demo import DEFAULT_THEMES, DemoConfig, run_demo
+    cfg = DemoConfig(out=args.out, suite=args.suite, model=args.model,
+                     themes=tuple(args.theme or (DEFAULT_THEMES[:1] if args.quick else DEFAULT_THEMES)),
+                     quick=args.quick, device=args.device, dtype=args.dtype)
+    result = run_demo(cfg)
+    print(f"\nreport: {result.report.resolve()}")
+    print(f"raw results: {result.out.resolve()}")
+    print(f"open the report in a browser; explore the atlas with: saeflow view {result.atlas}")
+    return 0

@@ -1,0 +1,39 @@
+"""The main job end to end: ``saeflow demo --quick`` on the real embedded model."""
+
+import json
+import re
+
+import pytest
+
+from saeflow.cli import main
+from saeflow.demo import DemoConfig
+
+
+def test_demo_config_rejects_empty_theme():
+    with pytest.raises(ValueError, match="--theme"):
+        DemoConfig(themes=("",))
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_a_report_from_its_own_results(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str((out / "report.html").resolve()) in printed
+    page = (out / "report.html").read_text()
+    # every stage left its raw results, and the report quotes them
+    deact = json.loads((out / "deactivation" / "summary.json").read_text())
+    steer = json.loads((out / "steering" / "summary.json").read_text())
+    demo = json.loads((out / "demo.json").read_text())
+    top1 = next(r for r in deact["summary"] if r["strategy"] == "top1" and r["kind"] == "all"
+                and r["layer"] == "all")
+    assert f"<td>{top1['n']}</td>" in page
+    assert f"{top1['success_rate']:.3f}" in page
+    prompting = steer["comparison"]["weddings"]["prompting"]["heldout"]
+    assert f"{prompting:.3f}" in page
+    seed = demo["seeds"]["weddings"]
+    assert re.fullmatch(r"\d+/res/\d+", seed) and seed in page
+    assert (out / "graphs" / f"{seed.replace('/res/', '-res-')}.json").exists()
+    assert page.count("data:image/png;base64,") >= 4  # plots are inlined: one self-contained file
+    # a second run reuses the cached suite and atlas
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
