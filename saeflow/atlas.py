@@ -1,0 +1,448 @@
+"""The flow atlas: every residual feature's matches, scores, lineage and label, on disk.
+
+Implements "Analyze Feature Flow" secs. 3.1-3.2 for a whole suite, from SAE weights only (the
+model is needed only for labels and to map att_z decoders to the residual basis).
+
+For each layer L with a residual SAE, one tiled pass per source (``match.cosine_topk_pair``)
+gives both directions:
+  - predecessors of R_L's features in R_{L-1}, M_L and A_L (top-k; top-1 cosine = s(R), s(M),
+    s(A));
+  - successors: for each feature of R_{L-1}, M_L and A_L, its best matches in R_L;
+plus null samples for the per-layer thresholds (``lineage.null_scores``). The attention source
+is ``L/att`` when the suite has it, else ``L/att_z`` mapped through W_O.
+
+On disk (``out_dir``), columnar and memory-mapped on load:
+  layers/012/pred_{res,mlp,att}_{idx,cos}.npy   [F_L, k] int32 / float32
+  layers/012/succ_{res,mlp,att}_{idx,cos}.npy   [F_source, k]
+  layers/012/null_{res,mlp,att}.npy             [n] float32
+  layers/012/lineage.npy                        [F_L] uint8 (index into lineage.CLASSES)
+  layers/012/part.json                          sources, widths, timing
+  labels/12-res.bin + labels/12-res.off.npy     promoted tokens (utf-8, \\x1f-separated)
+  atlas.json                                    settings, sites, widths, thresholds and rule
+Each layer directory is written to a temporary name and renamed, so an interrupted run resumes
+from the first missing layer; the label files are atomic per site.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from saeflow.lineage import (CLASSES, DEFAULT_NULL_SAMPLES, DEFAULT_QUANTILE, SCORE_KINDS,
+                             classify, fractions, null_scores, resolve_thresholds)
+from saeflow.sites import Feature, Site
+from saeflow.suite import write_json_atomic
+
+SCHEMA = "saeflow.atlas/1"
+ATLAS_JSON = "atlas.json"
+SETTINGS_JSON = "settings.json"
+DEFAULT_K = 5
+_SEP = "\x1f"
+
+
+def layer_sources(sites: list[Site]) -> dict[int, dict[str, Site]]:
+    """For each layer with a residual SAE, the sites its features are matched against."""
+    have = set(sites)
+    out = {}
+    for s in sorted(x for x in have if x.kind == "res"):
+        L = s.layer
+        src = {}
+        if Site(L - 1, "res") in have if L > 0 else False:
+            src["res"] = Site(L - 1, "res")
+        if Site(L, "mlp") in have:
+            src["mlp"] = Site(L, "mlp")
+        if Site(L, "att") in have:
+            src["att"] = Site(L, "att")
+        elif Site(L, "att_z") in have:
+            src["att"] = Site(L, "att_z")
+        out[L] = src
+    return out
+
+
+def _fingerprint(suite) -> dict:
+    files = {}
+    for site in suite.sites():
+        p = suite.paths.get(site)
+        if p is None:
+            files[str(site)] = "memory"
+            continue
+        p = Path(p)
+        entries = sorted(p.iterdir()) if p.is_dir() else [p]
+        files[str(site)] = [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                            for f in entries if f.is_file()]
+    return {"name": suite.name, "root": str(suite.root) if suite.root else None,
+            "info": json.loads(json.dumps(suite.info, default=str)), "files": files}
+
+
+def _settings(suite, k, null_samples, seed, label_tokens) -> dict:
+    """What the stored parts depend on (a folder computed with other values is not reused)."""
+    return json.loads(json.dumps({"k": k, "null_samples": null_samples, "seed": seed,
+                                  "label_tokens": label_tokens,
+                                  "fingerprint": _fingerprint(suite)}, default=str))
+
+
+def _save_npy(folder: Path, name: str, arr: np.ndarray) -> None:
+    np.save(folder / f"{name}.npy", np.ascontiguousarray(arr))
+
+
+def _write_labels(folder: Path, site: Site, tokens: list[list[str]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    blobs = [_SEP.join(t).encode("utf-8") for t in tokens]
+    off = np.zeros(len(blobs) + 1, dtype=np.int64)
+    off[1:] = np.cumsum([len(b) for b in blobs])
+    fd, tmp = tempfile.mkstemp(prefix=f".{site.slug}.", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"".join(blobs))
+    os.replace(tmp, folder / f"{site.slug}.bin")
+    fd, tmp = tempfile.mkstemp(prefix=f".{site.slug}.", suffix=".npy", dir=folder)
+    os.close(fd)
+    np.save(tmp, off)
+    os.replace(tmp, folder / f"{site.slug}.off.npy")  # its presence marks the site as done
+
+
+def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
+                  block: int = 4096, precision: str = "auto",
+                  null_samples: int = DEFAULT_NULL_SAMPLES, quantile: float = DEFAULT_QUANTILE,
+                  thresholds=None, labels: bool = True, label_tokens: int = 6, seed: int = 0,
+                  progress: bool = True) -> Atlas:
+    """Compute (or resume) the atlas of ``suite`` into ``out_dir`` (module docstring). Labels
+    need ``lm``; without it they are skipped. ``thresholds`` overrides the null rule (see
+    ``lineage.resolve_thresholds``)."""
+    from tqdm.auto import tqdm
+
+    from saeflow.match import Operand, resolve_precision, residual_decoder
+
+    out = Path(out_dir)
+    sites = suite.sites()
+    sources = layer_sources(sites)
+    if not sources:
+        raise ValueError(f"suite {suite.name!r} has no residual (res) SAEs; an atlas matches "
+                         f"residual features against their sources. Sites: "
+                         f"{', '.join(map(str, sites)) or 'none'}")
+    att_z = [str(s) for src in sources.values() for s in src.values() if s.kind == "att_z"]
+    if att_z and lm is None:
+        raise ValueError(f"suite {suite.name!r} has att_z SAEs ({', '.join(att_z[:4])}"
+                         f"{', ...' if len(att_z) > 4 else ''}) read before o_proj; matching "
+                         "them needs the model's W_O: pass lm= (the CLI loads the suite's model)")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    settings = _settings(suite, k, null_samples, seed, label_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / SETTINGS_JSON).exists():
+        if json.loads((out / SETTINGS_JSON).read_text()) != settings:
+            raise ValueError(f"{out} holds an atlas of another suite or other settings "
+                             f"(k, null_samples, seed, label_tokens); delete it or pick another "
+                             "output folder")
+    else:
+        write_json_atomic(out / SETTINGS_JSON, settings)
+    for stale in out.glob(".[0-9][0-9][0-9].*"):  # layer folders of an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
+    prec = resolve_precision(precision)
+    do_labels = labels and lm is not None
+    t_start = time.perf_counter()
+    prev: tuple[int, object] | None = None  # (layer, Operand of R_layer) for the next layer
+    bar = tqdm(sorted(sources), desc=f"atlas {suite.name}", unit="layer", disable=not progress)
+    for L in bar:
+        part = out / "layers" / f"{L:03d}"
+        need_labels = do_labels and any(
+            not (out / "labels" / f"{s.slug}.off.npy").exists()
+            for s in [Site(L, "res"), *sources[L].values()] if s.layer == L)
+        done = (part / "part.json").exists()
+        if done and not need_labels:
+            prev = None
+            continue
+        res_dirs = residual_decoder(suite, Site(L, "res"))
+        R = None
+        if not done:
+            R = Operand.cosine(res_dirs, prec)
+            reuse = prev[1] if prev is not None and prev[0] == L - 1 else None
+            _match_layer(suite, lm, L, sources[L], R, reuse, part, k=k, block=block,
+                         null_samples=null_samples, seed=seed)
+        if need_labels:
+            for site in [Site(L, "res"), *(s for s in sources[L].values() if s.layer == L)]:
+                if not (out / "labels" / f"{site.slug}.off.npy").exists():
+                    dirs = res_dirs if site.kind == "res" else residual_decoder(suite, site, lm)
+                    _write_labels(out / "labels", site, lm.promoted_tokens(dirs, k=label_tokens))
+        prev = None if R is None else (L, R)
+    bar.close()
+    return _finalize(out, suite, sources, settings, prec, quantile, thresholds, do_labels, lm,
+                     time.perf_counter() - t_start)
+
+
+def _match_layer(suite, lm, L: int, sources: dict[str, Site], R, prev_R, part: Path, *, k: int,
+                 block: int, null_samples: int, seed: int) -> None:
+    """Match R_L (an Operand) against each source, write the layer's folder atomically."""
+    from saeflow.match import Operand, cosine_topk_pair, residual_decoder
+
+    out = part.parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{L:03d}.", dir=out))
+    info = {"layer": L, "sources": {}, "widths": {f"{L}/res": len(R)}, "stats": {}}
+    t0, flops = time.perf_counter(), 0
+    for kind, site in sources.items():
+        S = prev_R if kind == "res" and prev_R is not None else Operand.cosine(
+            residual_decoder(suite, site, lm), R.precision)
+        stats: dict = {}
+        pred, succ = cosine_topk_pair(R, S, k=k, block=block, stats=stats)
+        null = null_scores(R.x, S, n=null_samples, block=block,
+                           seed=seed + 1009 * L + SCORE_KINDS.index(kind))
+        flops += 2 * len(S) * R.x.shape[1] * (len(R) + len(null))
+        _save_npy(tmp, f"pred_{kind}_idx", pred.indices.numpy().astype(np.int32))
+        _save_npy(tmp, f"pred_{kind}_cos", pred.values.numpy())
+        _save_npy(tmp, f"succ_{kind}_idx", succ.indices.numpy().astype(np.int32))
+        _save_npy(tmp, f"succ_{kind}_cos", succ.values.numpy())
+        _save_npy(tmp, f"null_{kind}", null)
+        info["sources"][kind] = str(site)
+        info["widths"][str(site)] = len(S)
+        info["stats"][kind] = stats
+    info["match_seconds"] = time.perf_counter() - t0
+    info["match_flops"] = flops
+    write_json_atomic(tmp / "part.json", info)
+    if part.exists():
+        shutil.rmtree(part)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, part)
+
+
+def _finalize(out: Path, suite, sources, settings, prec, quantile, thresholds, do_labels, lm,
+              seconds) -> Atlas:
+    parts = {L: json.loads((out / "layers" / f"{L:03d}" / "part.json").read_text())
+             for L in sources}
+    widths = {}
+    for p in parts.values():
+        widths.update(p["widths"])
+    info = {"schema": SCHEMA, "suite": {"name": suite.name,
+                                        "root": str(suite.root) if suite.root else None},
+            "model": suite.model or (lm.name if lm is not None else None),
+            "sites": sorted(widths, key=lambda s: Site.parse(s)), "widths": widths,
+            "layers": sorted(sources), "sources": {str(L): p["sources"] for L, p in parts.items()},
+            "settings": {**{k: v for k, v in settings.items() if k != "fingerprint"},
+                         "precision": prec, "quantile": quantile, "labels": do_labels},
+            "match_seconds": sum(p["match_seconds"] for p in parts.values()),
+            "match_flops": sum(p["match_flops"] for p in parts.values()),
+            "seconds_this_run": seconds}
+    atlas = Atlas(out, info).with_thresholds(thresholds, quantile)
+    for L in atlas.layers:
+        part = out / "layers" / f"{L:03d}"
+        fd, tmp = tempfile.mkstemp(prefix=".lineage.", suffix=".npy", dir=part)
+        os.close(fd)
+        np.save(tmp, atlas.lineage_codes(L))
+        os.replace(tmp, part / "lineage.npy")
+    write_json_atomic(out / ATLAS_JSON, atlas.info)
+    return Atlas.load(out)
+
+
+def ensure_atlas(suite, lm=None, *, k: int = DEFAULT_K, null_samples: int = DEFAULT_NULL_SAMPLES,
+                 seed: int = 0, label_tokens: int = 6, quantile: float | None = None,
+                 thresholds=None, **kwargs) -> Atlas:
+    """The atlas of ``suite`` from ``cache_dir()/atlases/<suite name>``, computed there first if
+    it is missing, stale (the suite's files or the settings changed), or lacks labels that
+    ``lm`` can add. ``quantile``/``thresholds`` only reclassify; ``kwargs`` go to
+    ``compute_atlas`` (block, precision, labels, progress)."""
+    from saeflow.models import cache_dir
+
+    out = cache_dir() / "atlases" / suite.name
+    settings = _settings(suite, k, null_samples, seed, label_tokens)
+    if (out / SETTINGS_JSON).exists() and json.loads((out / SETTINGS_JSON).read_text()) != settings:
+        shutil.rmtree(out)  # our own cache of another suite or other settings
+    if (out / ATLAS_JSON).exists():
+        atlas = Atlas.load(out)
+        if lm is None or atlas.has_labels or not kwargs.get("labels", True):
+            if quantile is None and thresholds is None:
+                return atlas
+            return atlas.with_thresholds(thresholds, quantile)
+    return compute_atlas(suite, out, lm, k=k, null_samples=null_samples, seed=seed,
+                         label_tokens=label_tokens, thresholds=thresholds,
+                         quantile=DEFAULT_QUANTILE if quantile is None else quantile, **kwargs)
+
+
+@dataclass
+class Atlas:
+    """A computed atlas (``Atlas.load(dir)``); columns are memory-mapped on first use."""
+    root: Path
+    info: dict
+    _cols: dict = field(default_factory=dict, repr=False)
+    _codes: dict = field(default_factory=dict, repr=False)
+    _labels: dict = field(default_factory=dict, repr=False)
+    reclassified: bool = False  # thresholds differ from the stored lineage.npy
+
+    @classmethod
+    def load(cls, root: str | Path) -> Atlas:
+        root = Path(root).expanduser()
+        path = root / ATLAS_JSON
+        if not path.exists():
+            hint = " (unfinished: re-run `saeflow atlas` to resume)" if (
+                root / SETTINGS_JSON).exists() else ""
+            raise FileNotFoundError(f"{root} is not an atlas folder: no {ATLAS_JSON}{hint}")
+        info = json.loads(path.read_text())
+        if info.get("schema") != SCHEMA:
+            raise ValueError(f"{path}: schema {info.get('schema')!r}, expected {SCHEMA!r}")
+        return cls(root, info)
+
+    # ---- identity -----------------------------------------------------------------------
+    @property
+    def sites(self) -> list[Site]:
+        return [Site.parse(s) for s in self.info["sites"]]
+
+    @property
+    def widths(self) -> dict[Site, int]:
+        return {Site.parse(s): int(w) for s, w in self.info["widths"].items()}
+
+    @property
+    def model(self) -> str | None:
+        return self.info.get("model")
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.info["layers"])
+
+    @property
+    def thresholds(self) -> dict[int, dict[str, float]]:
+        return {int(L): v for L, v in self.info["thresholds"].items()}
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether every site has stored labels."""
+        return all((self.root / "labels" / f"{s.slug}.off.npy").exists() for s in self.sites)
+
+    def sources(self, layer: int) -> dict[str, Site]:
+        return {k: Site.parse(s) for k, s in self.info["sources"].get(str(layer), {}).items()}
+
+    def feature(self, feature: Feature | str) -> Feature:
+        """Parse and check a feature id against this atlas (clear errors for bad ids)."""
+        f = Feature.parse(feature)
+        widths = self.widths
+        if f.site not in widths:
+            raise KeyError(f"feature {f}: the atlas has no site {f.site}; its sites are "
+                           f"{', '.join(map(str, self.sites))}")
+        if f.index >= widths[f.site]:
+            raise KeyError(f"feature {f}: index {f.index} is out of range, site {f.site} has "
+                           f"{widths[f.site]} features (0..{widths[f.site] - 1})")
+        return f
+
+    # ---- columns ------------------------------------------------------------------------
+    def column(self, layer: int, name: str) -> np.ndarray | None:
+        key = (layer, name)
+        if key not in self._cols:
+            path = self.root / "layers" / f"{layer:03d}" / f"{name}.npy"
+            self._cols[key] = np.load(path, mmap_mode="r") if path.exists() else None
+        return self._cols[key]
+
+    def scores(self, layer: int) -> dict[str, np.ndarray]:
+        """s(R), s(M), s(A) of every residual feature of ``layer`` ([F] float32, NaN where the
+        source is missing)."""
+        F = self.widths[Site(layer, "res")]
+        out = {}
+        for kind in SCORE_KINDS:
+            col = self.column(layer, f"pred_{kind}_cos")
+            out[kind] = np.full(F, np.nan, np.float32) if col is None else np.asarray(col[:, 0])
+        return out
+
+    def predecessors_topk(self, feature, k: int | None = None) -> dict[str, list]:
+        f = self.feature(feature)
+        if f.kind != "res":
+            raise ValueError(f"predecessors are defined for residual features; {f} is at a "
+                             f"{f.kind} site (use successors)")
+        out = {}
+        for kind, site in self.sources(f.layer).items():
+            idx, cos = self.column(f.layer, f"pred_{kind}_idx"), self.column(
+                f.layer, f"pred_{kind}_cos")
+            n = idx.shape[1] if k is None else k
+            if n > idx.shape[1]:
+                raise ValueError(f"the atlas stores the top {idx.shape[1]} matches; asked for {n}")
+            out[kind] = [(site.feature(int(i)), float(c)) for i, c in zip(idx[f.index, :n],
+                                                                          cos[f.index, :n])]
+        return out
+
+    def predecessors(self, feature) -> dict[str, tuple[Feature, float]]:
+        """Top-1 match of a residual feature in R_{L-1} ("res"), M_L ("mlp"), A_L ("att")."""
+        return {kind: v[0] for kind, v in self.predecessors_topk(feature, 1).items()}
+
+    def successors(self, feature, k: int = 1) -> list[tuple[Feature, float]]:
+        """Best ``k`` matches in the next residual SAE: R_{L+1} for a res feature of layer L,
+        R_L for an mlp/att feature of layer L (empty at the last layer)."""
+        f = self.feature(feature)
+        L = f.layer + 1 if f.kind == "res" else f.layer
+        kind = {"res": "res", "mlp": "mlp", "att": "att", "att_z": "att"}[f.kind]
+        if self.sources(L).get(kind) != f.site:
+            return []
+        idx, cos = self.column(L, f"succ_{kind}_idx"), self.column(L, f"succ_{kind}_cos")
+        if k > idx.shape[1]:
+            raise ValueError(f"the atlas stores the top {idx.shape[1]} matches; asked for {k}")
+        return [(Feature(Site(L, "res"), int(i)), float(c))
+                for i, c in zip(idx[f.index, :k], cos[f.index, :k])]
+
+    def children(self, feature) -> list[tuple[Feature, float]]:
+        """Features of R_{L+1} whose top-1 residual predecessor is this res feature."""
+        f = self.feature(feature)
+        if f.kind != "res" or self.sources(f.layer + 1).get("res") != f.site:
+            return []
+        idx, cos = self.column(f.layer + 1, "pred_res_idx"), self.column(f.layer + 1,
+                                                                         "pred_res_cos")
+        hit = np.flatnonzero(np.asarray(idx[:, 0]) == f.index)
+        return [(Feature(Site(f.layer + 1, "res"), int(j)), float(cos[j, 0])) for j in hit]
+
+    # ---- lineage ------------------------------------------------------------------------
+    def with_thresholds(self, override=None, quantile: float | None = None) -> Atlas:
+        """A copy classified with other thresholds (nothing is recomputed or written)."""
+        q = quantile if quantile is not None else self.info["settings"].get(
+            "quantile", DEFAULT_QUANTILE)
+        nulls = {}
+        for L in self.layers:
+            nulls[L] = {kind: np.asarray(self.column(L, f"null_{kind}"))
+                        for kind in self.sources(L)}
+        th, rule = resolve_thresholds(nulls, q, override)
+        info = {**self.info, "settings": {**self.info["settings"], "quantile": q},
+                "thresholds": {str(L): v for L, v in th.items()}, "threshold_rule": rule,
+                "thresholds_override": override}
+        return Atlas(self.root, info, _cols=self._cols, _labels=self._labels, reclassified=True)
+
+    def lineage_codes(self, layer: int) -> np.ndarray:
+        if layer not in self._codes:
+            stored = None if self.reclassified else self.column(layer, "lineage")
+            if stored is not None:
+                self._codes[layer] = np.asarray(stored)
+            else:
+                t, s = self.thresholds[layer], self.scores(layer)
+                self._codes[layer] = classify(s["res"], s["mlp"], s["att"],
+                                              t["res"], t["mlp"], t["att"])
+        return self._codes[layer]
+
+    def lineage(self, feature) -> str:
+        f = self.feature(feature)
+        if f.kind != "res":
+            raise ValueError(f"lineage classes are defined for residual features; {f} is at "
+                             f"a {f.kind} site")
+        return CLASSES[int(self.lineage_codes(f.layer)[f.index])]
+
+    def class_fractions(self) -> dict[int, dict[str, float]]:
+        return {L: fractions(self.lineage_codes(L)) for L in self.layers}
+
+    # ---- labels -------------------------------------------------------------------------
+    def tokens(self, feature) -> list[str]:
+        """The tokens the feature's decoder row promotes most (empty without labels)."""
+        f = self.feature(feature)
+        if f.site not in self._labels:
+            off_path = self.root / "labels" / f"{f.site.slug}.off.npy"
+            entry = None
+            if off_path.exists():
+                off = np.load(off_path, mmap_mode="r")
+                blob = (np.memmap(self.root / "labels" / f"{f.site.slug}.bin", dtype=np.uint8,
+                                  mode="r") if off[-1] > 0 else np.zeros(0, np.uint8))
+                entry = (off, blob)
+            self._labels[f.site] = entry
+        if self._labels[f.site] is None:
+            return []
+        off, blob = self._labels[f.site]
+        raw = bytes(blob[int(off[f.index]):int(off[f.index + 1])])
+        return raw.decode("utf-8", errors="replace").split(_SEP) if raw else []
+
+    def label(self, feature) -> str:
+        """The promoted tokens as one short string ("" without labels)."""
+        return " · ".join(t.strip() or repr(t) for t in self.tokens(feature))

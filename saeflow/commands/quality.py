@@ -1,0 +1,72 @@
+"""``saeflow quality SUITE``: FVU, L0, dead fraction and loss recovered per SAE."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add(subparsers) -> None:
+    from saeflow.cli import add_model_args
+    p = subparsers.add_parser(
+        "quality", help="evaluate every SAE of a suite on held-out text",
+        description="Per SAE on held-out text: FVU, L0, dead fraction and LM loss recovered "
+                    "(ablation: zeros for mlp/att, the mean residual for res). Prints a table; "
+                    "for a suite folder also updates suite.json, quality.csv and quality.png.")
+    add_model_args(p)
+    p.set_defaults(dtype="bfloat16", func=run)
+    p.add_argument("suite", help="a suite folder, spec file, preset or 'starter'")
+    p.add_argument("--sites", default=None, help="only these sites (e.g. 0-3/res,12/mlp)")
+    p.add_argument("--tokens", type=int, default=8192,
+                   help="held-out tokens for FVU, L0 and dead fraction (default 8192)")
+    p.add_argument("--loss-tokens", type=int, default=2048,
+                   help="held-out tokens for loss recovered (default 2048)")
+    p.add_argument("--source", default="default", help="held-out text source (default: default)")
+    p.add_argument("--res-ablation", default="mean", choices=["mean", "zero"],
+                   help="baseline for res sites in loss recovered (default mean)")
+    p.add_argument("--workers", type=int, default=2, help="worker threads (default 2)")
+    p.add_argument("--cached", action="store_true",
+                   help="print the table stored in suite.json instead of recomputing it")
+    p.add_argument("--no-save", action="store_true", help="do not write into the suite folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from saeflow import quality
+    from saeflow.sites import parse_sites
+    from saeflow.suite import SUITE_JSON, load_suite, write_json_atomic
+    suite = load_suite(args.suite, model=args.model)
+    if args.cached:
+        rows = quality.rows_from_json(suite.info.get("quality") or [])
+        if not rows:
+            raise ValueError(f"suite {suite.name!r} has no stored quality table; run without "
+                             "--cached to compute it")
+        print(quality.format_table(rows))
+        return 0
+    lm = suite.load_model(device=args.device, dtype=args.dtype)
+    sites = suite.sites()
+    if args.sites:
+        wanted = set(parse_sites(args.sites, lm.n_layers))
+        missing = wanted - set(sites)
+        if missing:
+            raise ValueError(f"suite {suite.name!r} has no SAE at "
+                             f"{', '.join(map(str, sorted(missing)))}")
+        sites = sorted(wanted)
+    rows = quality.evaluate(lm, {s: suite[s] for s in sites}, source=args.source,
+                            tokens=args.tokens, loss_tokens=args.loss_tokens,
+                            res_ablation=args.res_ablation, workers=args.workers,
+                            progress=not args.quiet)
+    print(quality.format_table(rows))
+    if suite.root is not None and not args.no_save and (suite.root / SUITE_JSON).exists():
+        if args.sites:  # merge into the stored table
+            old = {r.site: r for r in quality.rows_from_json(suite.info.get("quality") or [])}
+            old.update({r.site: r for r in rows})
+            rows = list(old.values())
+        info = {**suite.info, "quality": quality.rows_to_json(rows),
+                "quality_summary": quality.summarize(rows),
+                "quality_settings": {"tokens": args.tokens, "loss_tokens": args.loss_tokens,
+                                     "source": args.source, "res_ablation": args.res_ablation,
+                                     "model_dtype": args.dtype}}
+        write_json_atomic(suite.root / SUITE_JSON, info)
+        quality.write_reports(rows, suite.root, title=f"{suite.name} ({lm.name})")
+        print(f"saved: {suite.root / SUITE_JSON}, quality.csv, quality.png")
+    return 0

@@ -1,0 +1,107 @@
+"""``saeflow train``: train a suite of TopK SAEs (by default the SmolLM2 starter suite)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+
+
+def add(subparsers) -> None:
+    from saeflow.cli import add_model_args
+    p = subparsers.add_parser(
+        "train", help="train TopK SAEs at many sites while streaming text through the model",
+        description="Train one TopK SAE per site (streaming, no activation cache). With no "
+                    "options: the SmolLM2 starter suite (all 30 layers x res, mlp, att), cached "
+                    "and reused. Interrupted runs resume from their last checkpoint.")
+    add_model_args(p)
+    p.set_defaults(dtype="bfloat16", func=run)
+    p.add_argument("--sites", default="all",
+                   help="sites to train: all, */res, 0-3/res,0-3/mlp, 12/att ... (default all)")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens (default 300,000)")
+    p.add_argument("--width", type=int, default=None, help="latents per SAE (default 2304)")
+    p.add_argument("--k", type=int, default=None, help="active latents per token (default 32)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tokens per step, rounded to whole sequences (default 1024)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-3)")
+    p.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default 256)")
+    p.add_argument("--source", default=None,
+                   help="text: default (Wikipedia + BBC), wiki, bbc, or a .txt file/folder")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="worker threads (default 2)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="held-out tokens for the quality table (0 skips it; default 8192)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: the starter suite's cache folder, or a cache "
+                        "folder named after the settings)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="require an interrupted run in the output folder and continue it "
+                        "(continuing is also what happens without this flag)")
+    g.add_argument("--restart", action="store_true",
+                   help="discard an interrupted run in the output folder and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_FLAGS = {"tokens": "tokens", "width": "width", "k": "k", "batch_size": "batch_tokens",
+          "lr": "lr", "seq_len": "seq_len", "source": "source", "seed": "seed",
+          "workers": "workers", "checkpoint_every": "checkpoint_every",
+          "eval_tokens": "eval_tokens"}
+
+
+def _default_out(model: str, sites: str, cfg):
+    """The starter folder for the starter settings, else a cache folder named after them."""
+    from saeflow.models import cache_dir
+    from saeflow.train import RESULT_FIELDS, STARTER_CONFIG, starter_dir
+    same = all(getattr(cfg, f) == getattr(STARTER_CONFIG, f) for f in RESULT_FIELDS)
+    if model == "smollm2" and sites == "all" and same:
+        return starter_dir()
+    key = json.dumps({"model": model, "sites": sites,
+                      **{f: getattr(cfg, f) for f in RESULT_FIELDS}}, sort_keys=True)
+    tag = hashlib.sha1(key.encode()).hexdigest()[:8]
+    model_tag = "".join(c if c.isalnum() else "_" for c in model.split("/")[-1])[:32]
+    return cache_dir() / "suites" / f"{model_tag}-w{cfg.width}-k{cfg.k}-{tag}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from saeflow import quality
+    from saeflow.sites import parse_sites
+    from saeflow.train import (CHECKPOINT, STARTER_CONFIG, TRAINED, discard_run,
+                               ensure_trained, is_complete)
+    changes = {field: getattr(args, flag) for flag, field in _FLAGS.items()
+               if getattr(args, flag) is not None}
+    cfg = dataclasses.replace(STARTER_CONFIG, **changes)
+    model = args.model or "smollm2"
+    parse_sites(args.sites, 10**6)  # syntax check before loading anything
+    out = Path(args.out).expanduser() if args.out else _default_out(model, args.sites, cfg)
+    if is_complete(out):
+        print(f"saeflow train: {out} already holds a trained suite (delete it or pick another "
+              "--out to train again)")
+    else:
+        if args.restart:
+            discard_run(out)
+        elif args.resume and not ((out / CHECKPOINT).exists() or (out / TRAINED).exists()):
+            raise FileNotFoundError(f"--resume: no interrupted run in {out} "
+                                    f"(no {CHECKPOINT}); drop --resume to start one")
+        print(f"saeflow train: {args.sites} of {model} -> {out}\n  settings: "
+              + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)))
+        ensure_trained(out, args.sites, cfg, model, device=args.device, dtype=args.dtype,
+                       name=out.name, progress=not args.quiet)
+    info = json.loads((out / "suite.json").read_text())
+    rows = quality.rows_from_json(info.get("quality") or [])
+    if rows:
+        print(quality.format_table(rows) if not args.quiet else
+              "\n".join(f"{k}: " + ", ".join(f"{m}={v:.3f}" for m, v in s.items())
+                        for k, s in quality.summarize(rows).items()))
+    t = info.get("training", {})
+    if t.get("wall_seconds"):
+        print(f"trained {t.get('tokens_trained', 0):,} tokens in {t['wall_seconds']:.0f} s "
+              f"({t.get('tokens_per_second', 0):.0f} tok/s, {t.get('cpu_seconds', 0):.0f} "
+              f"CPU-seconds); suite: {out}")
+    else:
+        print(f"suite: {out}")
+    return 0

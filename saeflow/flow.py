@@ -1,0 +1,197 @@
+"""Flow graphs: one feature's ancestors and descendants over all layers.
+
+Implements "Analyze Feature Flow" sec. 3.3 (and the pruning of sec. 5): starting from a seed
+feature, walk the atlas layer by layer, composing one-layer matches.
+  1. Backward: from a residual feature of layer L, its top-1 predecessor in R_{L-1}; the chain
+     stops where that cosine falls below ``res_threshold`` (0.5).
+  2. Forward: from a residual feature of layer L, its top-1 successor in R_{L+1} and, where the
+     paper is silent about many-to-one matches, also every feature of R_{L+1} whose own top-1
+     predecessor is this feature (``children``: where a concept splits); the same cut applies.
+  3. Every residual node gets its MLP and attention predecessors of its own layer when their
+     cosine reaches ``block_threshold`` (0.15): the blocks that wrote or changed it.
+  An mlp/att seed first goes to its best match in the residual stream of its layer (if that
+  reaches ``block_threshold``) and is traced forward from there.
+Edges point from the earlier site to the later one and carry the cosine; each node carries its
+lineage class (None for mlp/att nodes: classes are defined for residual features), its label,
+and as score the cosine of the edge that brought it into the graph (1.0 for the seed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from saeflow.sites import Feature, Site
+
+SCHEMA = "saeflow.flowgraph/1"
+
+
+@dataclass(frozen=True)
+class FlowNode:
+    feature: Feature
+    lineage: str | None
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class FlowEdge:
+    source: Feature
+    target: Feature
+    cos: float
+
+
+@dataclass
+class FlowGraph:
+    seed: Feature
+    nodes: list[FlowNode]
+    edges: list[FlowEdge]
+    settings: dict = field(default_factory=dict)
+
+    def node(self, feature) -> FlowNode:
+        f = Feature.parse(feature)
+        for n in self.nodes:
+            if n.feature == f:
+                return n
+        raise KeyError(f"feature {f} is not in the flow graph of {self.seed}")
+
+    @property
+    def features(self) -> list[Feature]:
+        return [n.feature for n in self.nodes]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({n.feature.layer for n in self.nodes})
+
+    def residual_chain(self) -> list[Feature]:
+        """The residual nodes, ordered by layer (then index)."""
+        return sorted((n.feature for n in self.nodes if n.feature.kind == "res"),
+                      key=lambda f: (f.layer, f.index))
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "seed": str(self.seed),
+                "nodes": [{"id": str(n.feature), "layer": n.feature.layer,
+                           "site": str(n.feature.site), "index": n.feature.index,
+                           "lineage": n.lineage, "label": n.label, "score": n.score}
+                          for n in self.nodes],
+                "edges": [{"source": str(e.source), "target": str(e.target), "cos": e.cos}
+                          for e in self.edges],
+                "settings": dict(self.settings)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> FlowGraph:
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a flow graph: schema {got!r}, expected {SCHEMA!r}")
+        try:
+            nodes = [FlowNode(Feature.parse(n["id"]), n.get("lineage"), n.get("label", ""),
+                              float(n.get("score", 0.0))) for n in data["nodes"]]
+            edges = [FlowEdge(Feature.parse(e["source"]), Feature.parse(e["target"]),
+                              float(e["cos"])) for e in data["edges"]]
+            seed = Feature.parse(data["seed"])
+        except KeyError as e:
+            raise ValueError(f"flow graph JSON is missing the field {e.args[0]!r}") from None
+        known = {n.feature for n in nodes}
+        for e in edges:
+            if e.source not in known or e.target not in known:
+                raise ValueError(f"flow graph JSON: edge {e.source} -> {e.target} names a "
+                                 "feature that is not a node")
+        if seed not in known:
+            raise ValueError(f"flow graph JSON: the seed {seed} is not a node")
+        return cls(seed, nodes, edges, dict(data.get("settings", {})))
+
+    def to_networkx(self):
+        """A networkx DiGraph: node ids are feature strings; attributes as in ``to_json``."""
+        import networkx as nx
+        g = nx.DiGraph(seed=str(self.seed))
+        for n in self.to_json()["nodes"]:
+            g.add_node(n["id"], **{k: v for k, v in n.items() if k != "id"})
+        for e in self.edges:
+            g.add_edge(str(e.source), str(e.target), cos=e.cos)
+        return g
+
+
+def trace(atlas, feature, res_threshold: float = 0.5, block_threshold: float = 0.15, *,
+          backward: bool = True, forward: bool = True, children: bool = True,
+          max_nodes: int = 1000) -> FlowGraph:
+    """The pruned flow graph of ``feature`` (module docstring)."""
+    seed = atlas.feature(feature)
+    for name, v in (("res_threshold", res_threshold), ("block_threshold", block_threshold)):
+        if not -1.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name} is a cosine, between -1 and 1; got {v}")
+    nodes: dict[Feature, FlowNode] = {}
+    edges: dict[tuple[Feature, Feature], FlowEdge] = {}
+    truncated = False
+
+    def add_node(f: Feature, score: float) -> bool:
+        nonlocal truncated
+        if f in nodes:
+            return False
+        if len(nodes) >= max_nodes:
+            truncated = True
+            return False
+        lin = atlas.lineage(f) if f.kind == "res" else None
+        nodes[f] = FlowNode(f, lin, atlas.label(f), float(score))
+        return True
+
+    def add_edge(src: Feature, dst: Feature, cos: float) -> None:
+        if src in nodes and dst in nodes:
+            edges.setdefault((src, dst), FlowEdge(src, dst, float(cos)))
+
+    def add_blocks(r: Feature) -> None:
+        preds = atlas.predecessors(r)
+        for kind in ("mlp", "att"):
+            if kind in preds and preds[kind][1] >= block_threshold:
+                add_node(preds[kind][0], preds[kind][1])
+                add_edge(preds[kind][0], r, preds[kind][1])
+
+    def done() -> FlowGraph:
+        settings = {"res_threshold": res_threshold, "block_threshold": block_threshold,
+                    "children": children, "truncated": truncated, "atlas": str(atlas.root),
+                    "model": atlas.model}
+        order = sorted(nodes.values(), key=lambda n: (n.feature.layer, _LANE[n.feature.kind],
+                                                      n.feature.index))
+        links = sorted(edges.values(), key=lambda e: (e.target.layer, str(e.source),
+                                                      str(e.target)))
+        return FlowGraph(seed, order, links, settings)
+
+    add_node(seed, 1.0)
+    start = seed
+    if seed.kind != "res":
+        succ = atlas.successors(seed, 1)
+        if not succ or succ[0][1] < block_threshold:
+            return done()
+        start, cos = succ[0]
+        add_node(start, cos)
+        add_edge(seed, start, cos)
+        backward = False
+    add_blocks(start)
+    if backward:
+        cur = start
+        while True:
+            p = atlas.predecessors(cur).get("res")
+            if p is None or p[1] < res_threshold or not add_node(*p):
+                break
+            add_edge(p[0], cur, p[1])
+            add_blocks(p[0])
+            cur = p[0]
+    if forward:
+        frontier = [start]
+        while frontier:
+            f = frontier.pop()
+            nxt = [s for s in atlas.successors(f, 1) if s[1] >= res_threshold]
+            if children:
+                nxt += [c for c in atlas.children(f) if c[1] >= res_threshold]
+            for g, cos in nxt:
+                if add_node(g, cos):
+                    add_blocks(g)
+                    frontier.append(g)
+                add_edge(f, g, cos)
+    return done()
+
+
+_LANE = {"att": 0, "att_z": 0, "mlp": 1, "res": 2}
+
+
+def lane(site: Site) -> int:
+    """Row of a site kind in layered drawings: att 0, mlp 1, res 2."""
+    return _LANE[site.kind]

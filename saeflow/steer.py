@@ -1,0 +1,393 @@
+"""Multi-layer steering with flow graphs (Laptev et al., ICML 2025, sec. 6; method.md section 6).
+
+A ``SteeringPlan`` is a list of ``(feature, coefficient)`` terms at any sites and layers, an
+action, and an optional per-feature magnitude. While ``plan.apply(lm, suite)`` is open, every
+forward pass of the model is edited at every token position (the prompt, and each generated
+token when the KV cache is used):
+  - activate: ``h <- h + coefficient * magnitude * v`` at the feature's site, with ``v`` the raw
+    row of ``SAE.steering_vectors()`` (decoder row with the SAE's output scale);
+  - suppress: ``h <- h + (r - 1) * a * v`` with ``r`` the coefficient and ``a`` the feature's
+    activation, encoded on the fly from ``h`` at that site (``r = 1`` leaves ``h`` unchanged,
+    ``r = 0`` removes the feature, ``r < 0`` flips it). Magnitudes are not used.
+Activation costs one vector addition per site: the terms of a site are summed into one vector
+when the plan is applied. Suppression encodes the plan's features only (all features for TopK
+SAEs, whose activation depends on the others).
+
+``plan_from_graph`` builds a plan from a flow graph (``saeflow.flow.FlowGraph``):
+  - ``single``: the graph's features at layer ``l`` (res, mlp and att nodes of that layer);
+  - ``cumulative``: every graph feature at layers ``<= l``;
+  - schedules over the layer ``l`` of each feature: constant ``s``; exponential
+    ``s * exp(alpha * l)`` (alpha = -0.05 in the paper); linear from ``s`` at the first steered
+    layer to ``end`` at the last steered layer (the paper says "first/last graph layer"; saeflow
+    takes the span of the features actually steered, so the ramp ends at ``l`` in cumulative
+    mode; with one layer the coefficient is ``s``).
+
+Magnitudes (the paper only says folding can set them; saeflow makes the unit explicit):
+  - ``res_norm`` (default of the CLI): ``v`` is rescaled to the typical residual-stream norm of
+    the feature's layer (median token norm on corpus text, first token excluded: SmolLM2 puts
+    ~27,000 there against 50-700 elsewhere). A coefficient is then a fraction of the residual
+    stream, comparable across layers whose norms grow with depth, and across SAE families whose
+    decoder rows are not unit norm. att_z rows are measured in the residual basis (through W_O).
+  - ``activation``: the feature's mean activation on tokens where it fires (raw ``v``), so
+    ``s = 1`` adds the feature at its typical strength; features that never fire on the sample
+    take the median of their site's firing features.
+  - ``theta``: the JumpReLU threshold, i.e. the folded decoder row (Mechanistic Permutability).
+  - ``none``: raw ``v``, as Neuronpedia's steering does.
+Plans store the resolved magnitudes, so a plan file is self-contained; ``info`` keeps how it was
+built. Plans save as JSON (written atomically) and load back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from saeflow.hooks import editing
+from saeflow.sites import Feature, Site
+
+ACTIONS = ("activate", "suppress")
+MODES = ("single", "cumulative")
+SCHEDULES = ("constant", "exponential", "linear")
+MAGNITUDES = ("res_norm", "activation", "theta", "none")
+PLAN_FORMAT = "saeflow.steering_plan/1"
+
+
+# ---- schedules (pure) ---------------------------------------------------------------------------
+def schedule_coefficients(layers: Sequence[int], schedule: str = "constant", coefficient: float = 1.0,
+                          alpha: float = -0.05, end_coefficient: float | None = None) -> list[float]:
+    """The coefficient of each layer in ``layers`` under a schedule (see the module docstring)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    s = float(coefficient)
+    if schedule == "constant":
+        return [s for _ in layers]
+    if schedule == "exponential":
+        return [s * math.exp(alpha * layer) for layer in layers]
+    if end_coefficient is None:
+        raise ValueError("the linear schedule needs an end coefficient (--end-coefficient)")
+    first, last = min(layers), max(layers)
+    if first == last:
+        return [s for _ in layers]
+    return [s + (float(end_coefficient) - s) * (layer - first) / (last - first) for layer in layers]
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+@dataclass
+class SteeringPlan:
+    """``terms``: ``(Feature, coefficient)`` pairs; ``magnitudes``: per-feature multipliers of the
+    raw steering vector (default 1); ``info``: how the plan was built (free-form, saved)."""
+    terms: list[tuple[Feature, float]]
+    action: str = "activate"
+    magnitudes: dict[Feature, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError(f"unknown steering action {self.action!r}; known: {', '.join(ACTIONS)}")
+        terms = []
+        for item in self.terms:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"a steering term is (feature, coefficient), got {item!r}")
+            feat, coef = Feature.parse(item[0]), float(item[1])
+            if not math.isfinite(coef):
+                raise ValueError(f"steering coefficient of {feat} is not finite: {coef}")
+            terms.append((feat, coef))
+        self.terms = terms
+        mags = {Feature.parse(f): float(m) for f, m in self.magnitudes.items()}
+        for f, m in mags.items():
+            if not math.isfinite(m):
+                raise ValueError(f"magnitude of {f} is not finite: {m}")
+        self.magnitudes = mags
+
+    @property
+    def features(self) -> list[Feature]:
+        return [f for f, _ in self.terms]
+
+    @property
+    def sites(self) -> list[Site]:
+        return sorted({f.site for f, _ in self.terms})
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({f.layer for f, _ in self.terms})
+
+    def magnitude(self, feature: Feature) -> float:
+        return self.magnitudes.get(feature, 1.0)
+
+    def scaled(self, factor: float) -> SteeringPlan:
+        """The same plan with every coefficient multiplied by ``factor``."""
+        return SteeringPlan([(f, c * factor) for f, c in self.terms], self.action,
+                            dict(self.magnitudes), {**self.info, "scaled_by": factor})
+
+    @contextmanager
+    def apply(self, lm, suite):
+        """Edit ``lm`` at the plan's sites while the block runs; always restores the model."""
+        with editing(lm, site_edits(self, lm, suite)):
+            yield self
+
+    # ---- JSON ---------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"format": PLAN_FORMAT, "action": self.action,
+                "terms": [{"feature": str(f), "coefficient": c, "magnitude": self.magnitude(f)}
+                          for f, c in self.terms],
+                "info": self.info}
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "<json>") -> SteeringPlan:
+        if not isinstance(data, dict) or not isinstance(data.get("terms"), list):
+            raise ValueError(f"{source}: not a steering plan (expected an object with 'terms')")
+        try:
+            terms = [(t["feature"], t["coefficient"]) for t in data["terms"]]
+            mags = {t["feature"]: t.get("magnitude", 1.0) for t in data["terms"]}
+            return cls(terms, data.get("action", "activate"), mags, dict(data.get("info") or {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source}: bad steering plan: {e}") from None
+
+    def save(self, path: str | Path) -> Path:
+        from saeflow.suite import write_json_atomic
+        path = Path(path)
+        write_json_atomic(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringPlan:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"steering plan {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_json(data, source=str(path))
+
+
+# ---- building plans -----------------------------------------------------------------------------
+def plan_from_features(features: Iterable[Feature | str], coefficient: float = 1.0,
+                       action: str = "activate",
+                       magnitudes: Mapping[Feature, float] | None = None) -> SteeringPlan:
+    """Steer the given features with one coefficient (no flow graph)."""
+    feats = [Feature.parse(f) for f in features]
+    if not feats:
+        raise ValueError("a steering plan needs at least one feature")
+    return SteeringPlan([(f, coefficient) for f in feats], action, dict(magnitudes or {}),
+                        {"mode": "features", "coefficient": coefficient})
+
+
+def graph_features(graph) -> list[Feature]:
+    """Every feature of a flow graph (its seed included), sorted by site."""
+    return sorted({Feature.parse(n.feature) for n in graph.nodes} | {Feature.parse(graph.seed)})
+
+
+def plan_from_graph(graph, mode: str = "cumulative", layer: int | None = None,
+                    schedule: str = "constant", coefficient: float = 1.0, *,
+                    alpha: float = -0.05, end_coefficient: float | None = None,
+                    action: str = "activate", magnitudes: Mapping[Feature, float] | None = None,
+                    kinds: Sequence[str] | None = None) -> SteeringPlan:
+    """A plan over a flow graph's features (``layer`` defaults to the seed's layer)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown steering mode {mode!r}; known: {', '.join(MODES)}")
+    seed = Feature.parse(graph.seed)
+    feats = [f for f in graph_features(graph) if kinds is None or f.kind in kinds]
+    layer = seed.layer if layer is None else int(layer)
+    chosen = [f for f in feats if (f.layer == layer if mode == "single" else f.layer <= layer)]
+    if not chosen:
+        have = sorted({f.layer for f in feats})
+        raise ValueError(f"the flow graph of {seed} has no features at layer "
+                         f"{'' if mode == 'single' else '<= '}{layer}; its layers: {have}")
+    coefs = schedule_coefficients([f.layer for f in chosen], schedule, coefficient, alpha,
+                                  end_coefficient)
+    mags = {f: float(magnitudes[f]) for f in chosen if magnitudes and f in magnitudes}
+    info = {"seed": str(seed), "mode": mode, "layer": layer, "schedule": schedule,
+            "coefficient": coefficient, "alpha": alpha, "end_coefficient": end_coefficient}
+    return SteeringPlan(list(zip(chosen, coefs)), action, mags, info)
+
+
+def feature_magnitudes(lm, suite, features: Iterable[Feature], how: str = "res_norm",
+                       texts: Sequence[str] | None = None, max_tokens: int = 64) -> dict[Feature, float]:
+    """Per-feature multipliers of the raw steering vector (see the module docstring)."""
+    if how not in MAGNITUDES:
+        raise ValueError(f"unknown magnitude {how!r}; known: {', '.join(MAGNITUDES)}")
+    feats = sorted({Feature.parse(f) for f in features})
+    if how == "none":
+        return {f: 1.0 for f in feats}
+    if how == "theta":
+        out = {}
+        for f in feats:
+            sae = suite[f.site]
+            if sae.activation != "jumprelu":
+                raise ValueError(f"theta magnitudes need JumpReLU SAEs; the SAE at {f.site} is "
+                                 f"{sae.activation}")
+            out[f] = float(sae.threshold[f.index])
+        return out
+    if not texts:
+        raise ValueError(f"{how} magnitudes are measured on text; pass some texts")
+    from saeflow.themes import text_states
+    if how == "res_norm":
+        layers = sorted({f.layer for f in feats})
+        norms: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+        for _, states, _ in text_states(lm, texts, [Site(layer, "res") for layer in layers],
+                                        max_tokens):
+            for site, h_TD in states.items():
+                norms[site.layer].append(h_TD.float().norm(dim=-1))
+        med = {layer: float(torch.cat(v).median()) for layer, v in norms.items()}
+        return {f: med[f.layer] / _residual_norm(lm, suite, f) for f in feats}
+    sites = sorted({f.site for f in feats})
+    sums = {s: torch.zeros(suite[s].d_sae) for s in sites}
+    counts = {s: torch.zeros(suite[s].d_sae) for s in sites}
+    for _, states, _ in text_states(lm, texts, sites, max_tokens):
+        for site, h_TD in states.items():
+            acts_TF = suite[site].encode(h_TD.float())
+            sums[site] += acts_TF.sum(0)
+            counts[site] += (acts_TF > 0).sum(0)
+    out = {}
+    for f in feats:
+        s, c = sums[f.site], counts[f.site]
+        typical = s / c.clamp_min(1)
+        fallback = float(typical[c > 0].median()) if (c > 0).any() else 1.0
+        out[f] = float(typical[f.index]) if c[f.index] > 0 else fallback
+    return out
+
+
+def _residual_norm(lm, suite, feature: Feature) -> float:
+    v = suite[feature.site].steering_vectors()[feature.index].float()
+    if feature.kind == "att_z":
+        v = lm.att_z_to_residual(feature.layer, v[None])[0].float()
+    n = float(v.norm())
+    if n == 0:
+        raise ValueError(f"feature {feature} has a zero decoder row; it cannot be steered")
+    return n
+
+
+# ---- hooks --------------------------------------------------------------------------------------
+def site_edits(plan: SteeringPlan, lm, suite) -> dict[Site, object]:
+    """One edit function per site of the plan (activation terms summed into one vector)."""
+    by_site: dict[Site, list[tuple[Feature, float]]] = {}
+    for f, c in plan.terms:
+        by_site.setdefault(f.site, []).append((f, c))
+    edits = {}
+    for site, terms in sorted(by_site.items()):
+        sae = suite[site]
+        idx = torch.tensor([f.index for f, _ in terms])
+        if int(idx.max()) >= sae.d_sae:
+            bad = next(f for f, _ in terms if f.index >= sae.d_sae)
+            raise ValueError(f"feature {bad} is out of range: the SAE at {site} has {sae.d_sae} "
+                             "features")
+        V_nD = sae.steering_vectors()[idx].float()
+        if plan.action == "activate":
+            w_n = torch.tensor([c * plan.magnitude(f) for f, c in terms])
+            edits[site] = _adder((w_n @ V_nD).to(device=lm.device, dtype=lm.dtype))
+        else:
+            r_n = torch.tensor([c for _, c in terms])
+            edits[site] = _suppressor(sae, idx, r_n - 1.0, V_nD, lm.device)
+    return edits
+
+
+def _adder(vec_D: Tensor):
+    def fn(h: Tensor) -> Tensor:
+        return h + vec_D
+    return fn
+
+
+def _suppressor(sae, idx_n: Tensor, gain_n: Tensor, V_nD: Tensor, device):
+    """``h + sum_i gain_i * a_i(h) * v_i`` with ``a`` encoded from ``h`` at this site."""
+    full = sae.activation == "topk"
+    enc = sae.to(device) if full else sae.replace(
+        W_enc=sae.W_enc[:, idx_n], b_enc=sae.b_enc[idx_n], W_dec=sae.W_dec[idx_n],
+        threshold=None if sae.threshold is None else sae.threshold[idx_n]).to(device)
+    idx_n, G_nD = idx_n.to(device), (gain_n[:, None] * V_nD).to(device)
+
+    def fn(h: Tensor) -> Tensor:
+        x = h.to(enc.W_enc.dtype)
+        acts = enc.encode(x)
+        a_n = acts[..., idx_n] if full else acts  # [..., n]
+        delta = a_n.to(G_nD.dtype) @ G_nD
+        if enc.input_norm == "layer_norm":  # the SAE's output lives in standardised units
+            delta = delta * enc._standardise(x)[2]
+        return h + delta.to(h.dtype)
+    return fn
+
+
+# ---- generation ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Generation:
+    """One sampled continuation: ``text`` excludes the prompt; ids are the model's own tokens."""
+    prompt: str
+    text: str
+    seed: int
+    prompt_ids: tuple[int, ...]
+    new_ids: tuple[int, ...]
+
+
+def _pad_id(tok) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(tok, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+@torch.no_grad()
+def generate(lm, prompt: str | Sequence[str], plan: SteeringPlan | None = None,
+             max_new_tokens: int = 36, *, suite=None, samples: int = 1, seed: int = 0,
+             temperature: float = 1.27, top_p: float = 0.7, greedy: bool = False,
+             batch_size: int = 8, progress: bool = False) -> list[Generation]:
+    """Continue each prompt ``samples`` times, steered by ``plan`` (needs ``suite``) or not.
+
+    Rows are ``[p0, p0, ..., p1, ...]``; batch ``b`` samples with the torch seed
+    ``(seed, b)``, so the same call with and without a plan draws from the same random stream.
+    Sampling defaults are the paper's (temperature 1.27, top-p 0.7, no top-k)."""
+    from transformers import GenerationConfig
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("generate needs prompts, samples >= 1, max_new_tokens >= 1, batch_size >= 1")
+    if plan is not None and suite is None:
+        raise ValueError("steering needs the suite whose SAEs the plan's features belong to")
+    tok = lm.tokenizer
+    pad = _pad_id(tok)
+    eos = lm.model.generation_config.eos_token_id
+    eos = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+    eos |= {int(tok.eos_token_id)} if getattr(tok, "eos_token_id", None) is not None else set()
+    end = tok.get_vocab().get("<|endoftext|>")  # a document's end also ends a continuation
+    eos |= {int(end)} if end is not None else set()
+    cfg = GenerationConfig(do_sample=not greedy, temperature=None if greedy else temperature,
+                           top_p=None if greedy else top_p, top_k=None if greedy else 0,
+                           max_new_tokens=max_new_tokens, pad_token_id=pad,
+                           eos_token_id=sorted(eos) or None)
+    rows = [p for p in prompts for _ in range(samples)]
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in rows]
+    if any(len(ids) == 0 for ids in encoded):
+        raise ValueError("every prompt needs at least one token")
+    starts = range(0, len(rows), batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(rows), desc="generate", unit="seq", leave=False)
+    out: list[Generation] = []
+    with plan.apply(lm, suite) if plan is not None else nullcontext():
+        for b, start in enumerate(starts):
+            chunk = encoded[start:start + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=lm.device)
+            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk],
+                                device=lm.device)
+            torch.manual_seed(seed * 1_000_003 + b)
+            seqs = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+            for i, c in enumerate(chunk):
+                new = seqs[i, width:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in eos), len(new))
+                new = new[:cut]
+                out.append(Generation(rows[start + i], tok.decode(new, skip_special_tokens=True),
+                                      seed, tuple(c), tuple(new)))
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return out

@@ -1,0 +1,362 @@
+"""What the viewer's API reads from an atlas: overview, feature search, feature records, flow
+graphs and their exports. Plain Python over ``saeflow.atlas.Atlas`` (no Flask here).
+
+Search: a query that is a feature id (``12/res/4111``) opens that feature; a site
+(``12/res``) lists its features; a number lists that index at every site; any other text is a
+case-insensitive substring of the promoted-token labels (the atlas's ``labels/*.bin`` blobs,
+searched in place) and, when contexts were computed, of each feature's top activating tokens
+with a few tokens of lead-in. Label hits rank before context hits, earlier-promoted tokens
+before later ones, then by site. A text query stops collecting after ``MAX_HITS`` hits and says
+so. The context index is built in a background thread when the viewer starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from saeflow.sites import Feature, Site
+
+MAX_HITS = 20_000
+MIME = {"json": ("application/json", "json"), "graphml": ("application/xml", "graphml"),
+        "dot": ("text/vnd.graphviz", "dot"), "svg": ("image/svg+xml", "svg"),
+        "png": ("image/png", "png"), "neuronpedia": ("application/json", "neuronpedia.json")}
+
+
+def _num(x, digits: int = 4):
+    """A JSON-safe float (None for NaN/inf)."""
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, digits) if math.isfinite(x) else None
+
+
+class _Blob:
+    """One site's searchable text: lowercase bytes plus per-feature offsets [F + 1]."""
+
+    def __init__(self, data: bytes, off: np.ndarray, strings: list[str] | None = None):
+        self.data, self.off = data, off
+        self.strings = strings  # the original texts (kept for context snippets)
+
+    @classmethod
+    def from_strings(cls, strings: list[str]) -> _Blob:
+        parts = [s.lower().replace("\n", " ").encode("utf-8") for s in strings]
+        off = np.zeros(len(parts) + 1, dtype=np.int64)
+        off[1:] = np.cumsum([len(p) + 1 for p in parts])
+        return cls(b"\n".join(parts) + b"\n", off, strings)
+
+    def find(self, needle: bytes, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Feature indices with a hit and the hit's offset inside the feature's text."""
+        pos = []
+        start = self.data.find(needle)
+        while start >= 0 and len(pos) < limit:
+            pos.append(start)
+            start = self.data.find(needle, start + 1)
+        if not pos:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        p = np.asarray(pos, dtype=np.int64)
+        idx = np.searchsorted(self.off, p, side="right") - 1
+        ok = p + len(needle) <= self.off[idx + 1]  # a hit must not run into the next feature
+        idx, p = idx[ok], p[ok]
+        first = np.unique(idx, return_index=True)[1]  # first hit per feature
+        return idx[first], (p - self.off[idx])[first]
+
+
+class AtlasView:
+    def __init__(self, atlas, contexts=None):
+        from saeflow.export import FORMATS
+        from saeflow.lineage import CLASSES, COLORS
+        self.export_formats = tuple(f for f in FORMATS if f in MIME)
+        self.atlas, self.contexts = atlas, contexts
+        self.classes, self.colors = list(CLASSES), dict(COLORS)
+        self.widths: dict[Site, int] = atlas.widths
+        self.sites: list[Site] = sorted(self.widths)
+        self.layers: list[int] = sorted({s.layer for s in self.sites})
+        self.kinds: list[str] = sorted({s.kind for s in self.sites},
+                                       key=lambda k: ("res", "mlp", "att", "att_z").index(k))
+        self._label_blobs: dict[Site, _Blob | None] = {}
+        self._context_blobs: dict[Site, _Blob] = {}
+        self._context_ready = threading.Event()
+        self._stop = threading.Event()
+        self._indexer: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._graphs: OrderedDict = OrderedDict()
+        self._searches: OrderedDict = OrderedDict()
+        self._render_lock = threading.Lock()  # matplotlib's pyplot is not thread-safe
+
+    # ---- identity ----------------------------------------------------------------------------
+    def check_feature(self, f: Feature) -> str | None:
+        """None if the atlas has ``f``, else why not."""
+        if f.site not in self.widths:
+            return (f"the atlas has no site {f.site}; its sites are "
+                    f"{', '.join(map(str, self.sites[:12]))}{' ...' if len(self.sites) > 12 else ''}")
+        if f.index >= self.widths[f.site]:
+            return (f"feature {f} is out of range: site {f.site} has {self.widths[f.site]} "
+                    f"features (0..{self.widths[f.site] - 1})")
+        return None
+
+    def lineage(self, f: Feature) -> str | None:
+        if f.kind != "res":
+            return None
+        return self.classes[int(self.atlas.lineage_codes(f.layer)[f.index])]
+
+    def label(self, f: Feature) -> str:
+        return self.atlas.label(f)
+
+    # ---- overview ----------------------------------------------------------------------------
+    def _suite_info(self) -> dict:
+        root = (self.atlas.info.get("suite") or {}).get("root")
+        path = Path(root) / "suite.json" if root else None
+        if path is None or not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def overview(self, steering: dict | None = None) -> dict:
+        info = self.atlas.info
+        suite = self._suite_info()
+        quality = {}
+        if suite.get("quality_summary"):
+            quality["summary"] = suite["quality_summary"]
+        if suite.get("quality"):
+            quality["sites"] = {r["site"]: {k: r.get(k) for k in
+                                            ("fvu", "l0", "dead_frac", "loss_recovered")}
+                                for r in suite["quality"] if "site" in r}
+        counts: dict[str, int] = {}
+        for s in self.sites:
+            counts[s.kind] = counts.get(s.kind, 0) + 1
+        fr = self.atlas.class_fractions()
+        return {
+            "name": (info.get("suite") or {}).get("name") or self.atlas.root.name,
+            "model": info.get("model"), "atlas": str(self.atlas.root),
+            "layers": self.layers, "kinds": self.kinds, "site_counts": counts,
+            "sites": [str(s) for s in self.sites],
+            "widths": {str(s): w for s, w in self.widths.items()},
+            "n_features": int(sum(self.widths.values())),
+            "classes": self.classes, "colors": self.colors,
+            "class_fractions": {str(L): {c: _num(v) for c, v in d.items()} for L, d in fr.items()},
+            "thresholds": {str(L): {k: _num(v) for k, v in t.items()}
+                           for L, t in self.atlas.thresholds.items()},
+            "threshold_rule": info.get("threshold_rule"),
+            "settings": {k: v for k, v in info.get("settings", {}).items()},
+            "quality": quality,
+            "training": {k: suite["training"].get(k) for k in
+                         ("tokens_trained", "wall_seconds", "source") if k in suite["training"]}
+            if isinstance(suite.get("training"), dict) else {},
+            "contexts": self.contexts.info() if self.contexts is not None else None,
+            "steering": steering or {},
+            "export_formats": list(self.export_formats),
+        }
+
+    # ---- search ------------------------------------------------------------------------------
+    def _labels_blob(self, site: Site) -> _Blob | None:
+        if site not in self._label_blobs:
+            folder = self.atlas.root / "labels"
+            off_path, bin_path = folder / f"{site.slug}.off.npy", folder / f"{site.slug}.bin"
+            blob = None
+            if off_path.exists() and bin_path.exists():
+                off = np.load(off_path).astype(np.int64)
+                data = bin_path.read_bytes().lower()
+                blob = _Blob(data, off)
+            self._label_blobs[site] = blob
+        return self._label_blobs[site]
+
+    def start_indexing(self) -> None:
+        """Read the label blobs and build the context index in a background thread."""
+        def build():
+            try:
+                for site in self.sites:
+                    if self._stop.is_set():
+                        return
+                    self._labels_blob(site)
+                for site in (self.contexts.sites if self.contexts is not None else []):
+                    if self._stop.is_set():
+                        return
+                    if site in self.widths:
+                        self._context_blobs[site] = _Blob.from_strings(
+                            self.contexts.peak_texts(site))
+            finally:
+                self._context_ready.set()
+        self._indexer = threading.Thread(target=build, name="saeflow-viewer-index", daemon=True)
+        self._indexer.start()
+
+    def close(self) -> None:
+        """Stop the background indexing (it stops between sites)."""
+        self._stop.set()
+        if self._indexer is not None:
+            self._indexer.join(timeout=30)
+
+    def index_status(self) -> dict:
+        return {"contexts": self.contexts is not None, "ready": self._context_ready.is_set(),
+                "sites_indexed": len(self._context_blobs)}
+
+    def _row(self, f: Feature, match: str | None = None, query: str = "") -> dict:
+        snippet = None
+        blob = self._context_blobs.get(f.site) if match == "contexts" else None
+        if blob is not None and blob.strings is not None:
+            snippet = next((part for part in blob.strings[f.index].split(" | ")
+                            if query.lower() in part.lower()), None)
+        return {"id": str(f), "site": str(f.site), "layer": f.layer, "kind": f.kind,
+                "index": f.index, "lineage": self.lineage(f), "label": self.label(f),
+                "match": match, "snippet": snippet}
+
+    def search(self, query: str = "", lineage: str | None = None, layer: int | None = None,
+               kind: str | None = None, limit: int = 50, offset: int = 0) -> dict:
+        sites = [s for s in self.sites if (layer is None or s.layer == layer)
+                 and (kind is None or s.kind == kind) and (lineage is None or s.kind == "res")]
+        q = query.strip()
+        truncated = False
+        if not q:
+            page = self._browse(sites, lineage, offset + limit, offset)
+            total = self._browse_total(sites, lineage)
+        else:
+            key = (q.lower(), lineage, layer, kind, self._context_ready.is_set())
+            with self._lock:
+                cached = self._searches.get(key)
+            if cached is None:
+                cached = self._query(q, sites, lineage)
+                with self._lock:
+                    self._searches[key] = cached
+                    while len(self._searches) > 64:
+                        self._searches.popitem(last=False)
+            hits, truncated = cached
+            total = len(hits)
+            page = hits[offset:offset + limit]
+        return {"query": q, "total": total, "offset": offset, "limit": limit,
+                "truncated": truncated, "index_ready": self._context_ready.is_set(),
+                "results": [self._row(f, m, q) for f, m in page]}
+
+    def _lineage_mask(self, site: Site, lineage: str | None) -> np.ndarray | None:
+        if lineage is None:
+            return None
+        return np.asarray(self.atlas.lineage_codes(site.layer)) == self.classes.index(lineage)
+
+    def _browse_total(self, sites: list[Site], lineage: str | None) -> int:
+        total = 0
+        for s in sites:
+            mask = self._lineage_mask(s, lineage)
+            total += self.widths[s] if mask is None else int(mask.sum())
+        return total
+
+    def _browse(self, sites: list[Site], lineage: str | None, upto: int, skip: int = 0) -> list:
+        """Features of ``sites`` in order (lineage-filtered), from ``skip`` to ``upto``."""
+        out: list[tuple[Feature, str | None]] = []
+        seen = 0
+        for s in sites:
+            mask = self._lineage_mask(s, lineage)
+            idx = np.arange(self.widths[s]) if mask is None else np.flatnonzero(mask)
+            lo, hi = max(0, skip - seen), max(0, upto - seen)
+            out.extend((s.feature(int(i)), None) for i in idx[lo:hi])
+            seen += len(idx)
+            if seen >= upto:
+                break
+        return out
+
+    def _query(self, q: str, sites: list[Site], lineage: str | None):
+        try:
+            f = Feature.parse(q)
+            return ([(f, "id")] if self.check_feature(f) is None and f.site in sites else []), False
+        except ValueError:
+            pass
+        if re.fullmatch(r"\d+[/-](res|mlp|att_z|att)", q):
+            site = Site.parse(q)
+            return self._browse([site] if site in sites else [], lineage, MAX_HITS), False
+        if q.isdigit():
+            i = int(q)
+            return [(s.feature(i), "index") for s in sites if i < self.widths[s]
+                    and (lineage is None or self.lineage(s.feature(i)) == lineage)], False
+        needle = q.lower().encode("utf-8")
+        ranked: dict[Feature, tuple] = {}
+        budget = MAX_HITS
+        for rank, (what, blobs) in enumerate((("label", self._labels_blob),
+                                              ("contexts", self._context_blobs.get))):
+            for si, s in enumerate(sites):
+                blob = blobs(s)
+                if blob is None or budget <= 0:
+                    continue
+                idx, at = blob.find(needle, budget)
+                mask = self._lineage_mask(s, lineage)
+                for i, a in zip(idx.tolist(), at.tolist()):
+                    if mask is not None and not mask[i]:
+                        continue
+                    f = s.feature(i)
+                    if f not in ranked:
+                        ranked[f] = (rank, a, si, i, what)
+                        budget -= 1
+        order = sorted(ranked.items(), key=lambda kv: kv[1][:4])
+        return [(f, v[4]) for f, v in order], budget <= 0
+
+    # ---- one feature ------------------------------------------------------------------------
+    def feature(self, f: Feature, n_successors: int = 5, n_contexts: int = 8) -> dict:
+        atlas = self.atlas
+        k = int(atlas.info.get("settings", {}).get("k", 1))
+        th = atlas.thresholds.get(f.layer, {}) if f.kind == "res" else {}
+        preds = []
+        if f.kind == "res":
+            for kind, matches in atlas.predecessors_topk(f, min(k, 5)).items():
+                g, cos = matches[0]
+                preds.append({"kind": kind, "id": str(g), "cos": _num(cos),
+                              "label": self.label(g), "high": bool(cos >= th.get(kind, 2.0)),
+                              "alternatives": [{"id": str(a), "cos": _num(c)}
+                                               for a, c in matches[1:]]})
+            for kind in ("res", "mlp", "att"):
+                if kind not in {p["kind"] for p in preds}:
+                    preds.append({"kind": kind, "id": None, "cos": None, "label": None,
+                                  "high": False, "alternatives": []})
+            preds.sort(key=lambda p: ("res", "mlp", "att").index(p["kind"]))
+        succ = [{"id": str(g), "cos": _num(c), "label": self.label(g), "lineage": self.lineage(g)}
+                for g, c in atlas.successors(f, min(k, n_successors))]
+        children = [{"id": str(g), "cos": _num(c)} for g, c in atlas.children(f)[:50]]
+        contexts = None
+        if self.contexts is not None and f.site in self.contexts.sites:
+            contexts = [c._asdict() for c in self.contexts.top(f, n_contexts)]
+            for c in contexts:
+                c["activation"] = _num(c["activation"])
+        width = self.widths[f.site]
+        return {"id": str(f), "site": str(f.site), "layer": f.layer, "kind": f.kind,
+                "index": f.index, "width": width, "label": self.label(f),
+                "lineage": self.lineage(f), "thresholds": {k_: _num(v) for k_, v in th.items()},
+                "predecessors": preds, "successors": succ, "children": children,
+                "promoted_tokens": atlas.tokens(f), "contexts": contexts,
+                "prev": str(f.site.feature(f.index - 1)) if f.index > 0 else None,
+                "next": str(f.site.feature(f.index + 1)) if f.index + 1 < width else None}
+
+    # ---- graphs -------------------------------------------------------------------------------
+    def graph(self, f: Feature, res_threshold: float = 0.5, block_threshold: float = 0.15):
+        from saeflow.flow import trace
+        key = (f, round(res_threshold, 4), round(block_threshold, 4))
+        with self._lock:
+            g = self._graphs.get(key)
+        if g is None:
+            g = trace(self.atlas, f, res_threshold, block_threshold)
+            with self._lock:
+                self._graphs[key] = g
+                while len(self._graphs) > 128:
+                    self._graphs.popitem(last=False)
+        return g
+
+    def graph_json(self, f: Feature, res_threshold: float, block_threshold: float) -> dict:
+        data = self.graph(f, res_threshold, block_threshold).to_json()
+        for n in data["nodes"]:
+            n["kind"] = Site.parse(n["site"]).kind
+            n["score"] = _num(n["score"])
+        for e in data["edges"]:
+            e["cos"] = _num(e["cos"])
+        data["formats"] = list(self.export_formats)
+        return data
+
+    def export(self, f: Feature, fmt: str, res_threshold: float, block_threshold: float):
+        from saeflow.export import render
+        graph = self.graph(f, res_threshold, block_threshold)
+        with self._render_lock:
+            body = render(graph, fmt)
+        mime, ext = MIME[fmt]
+        return body, mime, f"flow-{f.site.slug}-{f.index}.{ext}"

@@ -1,0 +1,292 @@
+"""Deactivation (saeflow.deactivate) on tiny Llama models with planted SAEs.
+
+The planted model: an orthonormal basis e_0..e_63 of the residual stream; blocks 0 and 1 write
+nothing (R_1 = the embeddings); the embeddings have no component along S_m = e_8..e_15 or
+S_a = e_16..e_23; block 2's attention cannot write S_r = e_0..e_7 or S_m, its MLP cannot write
+S_r or S_a. So along e_j, R_2 = R_1 (j in S_r), = M_2 (j in S_m), = A_2 (j in S_a), exactly.
+Every SAE has the 128 features +-e_i (in a different random order per site); the target SAE at
+2/res fires above a small threshold. The true predecessor of target +e_j is +e_j at R_1, M_2
+or A_2 by construction, and removing it must turn the target off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saeflow.deactivate import (DeactivationConfig, Edit, edit_delta, edited_target_acts,
+                                naive_target_acts, pearson_top1, run_deactivation, summarize)
+from saeflow.hooks import hook_count
+from saeflow.models import lm_from_model
+from saeflow.sae import SAE
+from saeflow.sites import Feature, Site
+from saeflow.suite import Suite
+
+D, L, C = 64, 2, 1e-3  # width, target layer, target threshold
+S_R, S_M, S_A = range(0, 8), range(8, 16), range(16, 24)
+
+
+def make_llama(seed=0, attn="sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=D, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                      attn_implementation=attn)
+    return LlamaForCausalLM(cfg)
+
+
+def proj_out(Q, idx):
+    """Projector onto the complement of the basis vectors ``idx`` (columns of Q)."""
+    E = Q[:, list(idx)]
+    return torch.eye(D) - E @ E.T
+
+
+def plus_minus_sae(Q, seed, b=0.0):
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.cat([Q.T, -Q.T])  # [128, D]: feature i is +e_i, feature 64 + i is -e_i
+    perm = torch.randperm(2 * D, generator=g)
+    W_dec = dirs[perm]
+    sae = SAE(W_enc=W_dec.T.clone(), b_enc=torch.full((2 * D,), -b), W_dec=W_dec.clone(),
+              b_dec=torch.zeros(D))
+    index_of_plus = torch.argsort(perm)[:D]  # where +e_i landed
+    return sae, index_of_plus
+
+
+@pytest.fixture(scope="module")
+def planted():
+    torch.manual_seed(1)
+    Q = torch.linalg.qr(torch.randn(D, D))[0]
+    model = make_llama(seed=2)
+    with torch.no_grad():
+        for i in range(L):  # blocks before the target write nothing
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        emb.copy_(emb @ proj_out(Q, [*S_M, *S_A]))
+        blk = model.model.layers[L]
+        o, down = blk.self_attn.o_proj.weight, blk.mlp.down_proj.weight
+        o.copy_(3 * proj_out(Q, [*S_R, *S_M]) @ o)
+        down.copy_(3 * proj_out(Q, [*S_R, *S_A]) @ down)
+    lm = lm_from_model(model)
+    saes, plus = {}, {}
+    for n, site in enumerate(["1/res", "2/res", "2/mlp", "2/att"]):
+        saes[site], plus[site] = plus_minus_sae(Q, seed=10 + n, b=C if site == "2/res" else 1e-7)
+    suite = Suite.from_saes(saes, name="planted")
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(0, 256, (16,), generator=g) for _ in range(24)]
+    corr = [torch.randint(0, 256, (32,), generator=g) for _ in range(48)]
+    return lm, suite, plus, ids, corr
+
+
+def planted_kind(target: Feature, plus) -> tuple[str, int] | None:
+    """(kind, j) when the target is +e_j for a planted j, else None."""
+    j = int((plus["2/res"] == target.index).nonzero()[0, 0]) if target.index in plus["2/res"] \
+        else None
+    for kind, rng in (("res", S_R), ("mlp", S_M), ("att", S_A)):
+        if j is not None and j in rng:
+            return kind, j
+    return None
+
+
+def expected_pred(kind, j, plus):
+    site = {"res": "1/res", "mlp": "2/mlp", "att": "2/att"}[kind]
+    return str(Feature(Site.parse(site), int(plus[site][j])))
+
+
+def test_planted_predecessor_found_and_kills_target(planted):
+    lm, suite, plus, ids, corr = planted
+    cfg = DeactivationConfig(layers=(L,), tokens_per_text=2, corr_tokens=1500, max_pairs=3000)
+    res = run_deactivation(lm, suite, ids, corr, cfg, progress=False)
+    assert hook_count(lm.model) == 0
+    assert res.info["layers"][str(L)]["recompute_error"] < 1e-4
+    by_strategy: dict[str, list] = {}
+    for p in res.pairs:
+        pk = planted_kind(Feature.parse(p.target), plus)
+        if pk and pk[0] == p.kind:
+            by_strategy.setdefault(p.strategy, []).append((p, pk))
+    for strat in ("top1", "top5", "permutation", "exhaustive"):
+        got = by_strategy[strat]
+        assert len(got) >= 30 and {pk[0] for _, pk in got} == {"res", "mlp", "att"}
+        for p, (kind, j) in got:
+            assert p.success and p.z_new == 0 and p.change == pytest.approx(1.0)
+            if strat in ("top1", "permutation"):
+                assert p.predecessors == expected_pred(kind, j, plus)
+                assert p.cos == pytest.approx(1.0, abs=1e-5)
+    # the data baseline finds the planted predecessor on separate texts
+    pe = by_strategy["pearson"]
+    assert sum(p.success for p, _ in pe) >= 0.9 * len(pe)
+    # one of the top five at random works exactly when it draws the planted predecessor
+    rnd = by_strategy["random5"]
+    hits = [p.predecessors == expected_pred(kind, j, plus) for p, (kind, j) in rnd]
+    assert [p.success for p, _ in rnd] == hits and 0 < sum(hits) < len(hits)
+    rows = {(s.strategy, s.layer, s.kind): s for s in res.summary}
+    assert rows[("top1", "all", "all")].n == sum(p.strategy == "top1" for p in res.pairs)
+
+
+def test_unrelated_feature_leaves_target_unchanged(planted):
+    lm, suite, plus, ids, _ = planted
+    site = Site.parse("1/res")
+    sae_t, V = suite["2/res"], suite[site].steering_vectors()
+    pre = suite[site].encode(torch.stack([lm.model.model.embed_tokens.weight[x] for x in ids]))
+    # a token where target +e_0 is active, and +e_0 and +e_1 are active at R_1
+    text, pos = next((i, t) for i in range(len(ids)) for t in range(1, 16)
+                     if pre[i, t, plus["1/res"][0]] > 2 * C and pre[i, t, plus["1/res"][1]] > 0)
+    tgt = int(plus["2/res"][0])
+
+    def edit(j, r):
+        f = int(plus["1/res"][j])
+        return Edit(text, pos, site, edit_delta(pre[text, pos, [f]], V[[f]], r))
+
+    edits = [edit(1, 0.0), edit(0, 0.0), edit(0, 1.0)]
+    fast = edited_target_acts(lm, ids, edits, L, sae_t)
+    naive = torch.stack([naive_target_acts(lm, ids, e, L, sae_t) for e in edits])
+    torch.testing.assert_close(fast, naive, atol=1e-6, rtol=1e-4)
+    clean = naive_target_acts(lm, ids, Edit(text, pos, site, torch.zeros(D)), L, sae_t)[tgt]
+    assert clean > 0
+    assert fast[0, tgt] == pytest.approx(float(clean), rel=1e-5)  # unrelated: unchanged
+    assert fast[1, tgt] == 0  # the true predecessor: off
+    assert fast[2, tgt] == pytest.approx(float(clean), rel=1e-5)  # r = 1: nothing changes
+
+
+def test_r_sweep_known_answers(planted):
+    lm, suite, plus, ids, corr = planted
+    cfg = DeactivationConfig(layers=(L,), strategies=("top1",), rs=(1.0, 0.5, -1.0),
+                             tokens_per_text=1, max_pairs=1500)
+    res = run_deactivation(lm, suite, ids, None, cfg, progress=False)
+    n = 0
+    for p in res.pairs:
+        pk = planted_kind(Feature.parse(p.target), plus)
+        if not (pk and pk[0] == p.kind):
+            continue
+        n += 1
+        x = p.z_old + C  # the target's projection; the predecessor's activation is x - 1e-7
+        if p.r == 1.0:
+            assert abs(p.z_new - p.z_old) < 1e-7 and not p.success
+        elif p.r == 0.5:
+            expect = 1 - (x - 0.5 * (x - 1e-7) - C) / p.z_old
+            if x - 0.5 * (x - 1e-7) > C:
+                assert p.change == pytest.approx(expect, abs=1e-4)
+        else:
+            assert p.success and p.change == pytest.approx(1.0)
+    assert n >= 30
+
+
+def _random_sae(d_in, seed):
+    g = torch.Generator().manual_seed(seed)
+    return SAE(W_enc=torch.randn(d_in, 96, generator=g), b_enc=torch.zeros(96),
+               W_dec=torch.randn(96, d_in, generator=g), b_dec=torch.zeros(d_in))
+
+
+def _check_batched_equals_naive(lm, att_kind="att"):
+    g = torch.Generator().manual_seed(6)
+    sae = _random_sae(lm.d_model, 7)
+    ids = [torch.randint(0, 256, (n,), generator=g) for n in (9, 14, 5)]
+    plan = [(0, 3, "1/res"), (1, 13, "2/mlp"), (2, 4, f"2/{att_kind}"), (1, 1, "1/res"),
+            (0, 8, f"2/{att_kind}"), (2, 1, "2/mlp")]
+    edits = [Edit(i, t, Site.parse(s), torch.randn(lm.site_width(Site.parse(s)), generator=g))
+             for i, t, s in plan]
+    fast = edited_target_acts(lm, ids, edits, L, sae, batch_tokens=20)  # several batches
+    naive = torch.stack([naive_target_acts(lm, ids, e, L, sae) for e in edits])
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-4)
+    assert hook_count(lm.model) == 0
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_batched_path_equals_full_forward(attn):
+    """On a generic random model, rerunning only block L from edited prefixes gives exactly
+    what a full forward pass with the edit hooked in gives, at every kind of site."""
+    lm = lm_from_model(make_llama(seed=5, attn=attn))
+    _check_batched_equals_naive(lm)
+    with pytest.raises(ValueError, match="cannot feed"):
+        edited_target_acts(lm, [torch.arange(4)], [Edit(0, 1, Site.parse("0/res"),
+                                                        torch.zeros(D))], L, _random_sae(D, 0))
+
+
+@pytest.mark.parametrize("model_type,att_kind", [("qwen2", "att"), ("gemma2", "att_z"),
+                                                 ("gemma3_text", "att"), ("gpt2", "att"),
+                                                 ("gpt_neox", "att")])
+def test_batched_path_other_architectures(tiny_lm, model_type, att_kind):
+    _check_batched_equals_naive(tiny_lm(model_type), att_kind)
+
+
+def test_pearson_top1_known_answer():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(200, 6, generator=g)
+    y[:, 5] = 0  # constant column is never picked
+    x = torch.stack([2 * y[:, 3] + 1, -y[:, 1] + 0.01 * y[:, 0], torch.ones(200)], dim=1)
+    v, i = pearson_top1(x, y, block=2)
+    assert i[0] == 3 and v[0] == pytest.approx(1.0)
+    assert i[1] != 1  # anti-correlated is not correlated
+    assert i[2] == -1 and torch.isnan(v[2])
+
+
+def test_summary_counts_and_config_errors():
+    from saeflow.deactivate import PairOutcome
+    ps = [PairOutcome(6, k, "top1", 0.0, 0, 1, "6/res/1", "5/res/2", 0.9, 1.0, z, 1 - z, z == 0)
+          for k, z in [("res", 0.0), ("res", 0.5), ("mlp", 0.0)]]
+    rows = {(s.layer, s.kind): s for s in summarize(ps)}
+    assert rows[("6", "res")].n == 2 and rows[("6", "res")].success_rate == 0.5
+    assert rows[("all", "all")].n == 3 and rows[("all", "all")].mean_change == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="unknown strategies"):
+        DeactivationConfig(strategies=("top2",))
+    with pytest.raises(ValueError, match="layers must be >= 1"):
+        DeactivationConfig(layers=(0,))
+
+
+def test_checkpoint_resumes_without_recomputing(planted, tmp_path, monkeypatch):
+    import saeflow.deactivate as d
+    lm, suite, _, ids, _ = planted
+    cfg = DeactivationConfig(layers=(L,), strategies=("top1", "random5"), tokens_per_text=2,
+                             max_pairs=40)
+    first = run_deactivation(lm, suite, ids, None, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert (tmp_path / f"layer-{L}.json").exists() and 0 < len(first.pairs) <= 40
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed a finished layer")
+    monkeypatch.setattr(d, "_run_layer", boom)
+    again = run_deactivation(lm, suite, ids, None, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert again.pairs == first.pairs
+
+
+def test_command_writes_tables_and_plots(tmp_path, capsys):
+    """`saeflow deactivate` end to end: a tiny model with a word-level tokenizer saved as a
+    folder, a suite folder naming it, a text file of the user's own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from saeflow.cli import main
+    words = [f"w{i}" for i in range(200)]
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}},
+                                     unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = make_llama(seed=3)
+    model.save_pretrained(tmp_path / "model")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(
+        tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+    saes = {}
+    for i, site in enumerate(["1/res", "2/res", "2/mlp", "2/att"]):
+        sae = _random_sae(D, 20 + i)
+        saes[site] = sae.replace(activation="topk", k=8)
+    Suite.from_saes(saes, model=str(tmp_path / "model"), name="tiny").save(tmp_path / "suite")
+    paras = [" ".join(words[j] for j in torch.randint(0, 200, (20,), generator=g).tolist())
+             for _ in range(40)]
+    (tmp_path / "texts.txt").write_text("\n\n".join(paras))
+    out = tmp_path / "out"
+    argv = ["deactivate", str(tmp_path / "suite"), "--texts", str(tmp_path / "texts.txt"),
+            "--layers", "2", "--n-texts", "10", "--tokens-per-text", "2", "--max-pairs", "300",
+            "--r", "0,0.5", "--corr-tokens", "400", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "top-1 cosine" in printed and "r = 0.5" in printed
+    import csv
+    import json
+    summary = json.loads((out / "summary.json").read_text())
+    pairs = list(csv.DictReader(open(out / "pairs.csv")))
+    top = [r for r in summary["summary"] if r["layer"] == "all" and r["kind"] == "all"]
+    assert sum(r["n"] for r in top) == len(pairs) > 0
+    assert {float(p["r"]) for p in pairs} == {0.0, 0.5}
+    for name in ("summary.csv", "success_by_layer.png", "change_vs_r.png",
+                 "checkpoints/layer-2.json"):
+        assert (out / name).stat().st_size > 0
+    assert main(argv[:-2] + ["--strategies", "top3", "--out", str(out)]) == 2  # clear error

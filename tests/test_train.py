@@ -1,0 +1,277 @@
+"""TopK SAE kernels and the streaming trainer: exact gradients, planted features, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from saeflow.formats import load_sae
+from saeflow.models import lm_from_model
+from saeflow.sites import Site
+from saeflow.suite import load_suite
+from saeflow.topk import (TopKParams, TopKTrainer, dense_topk_loss, init_params, rows_grad,
+                          topk_step)
+from saeflow.train import CHECKPOINT, TrainConfig, train_suite
+
+
+class CharTokenizer:
+    """Bytes as tokens (ids 1..255), 0 separates documents."""
+    name_or_path = "char"
+    eos_token_id = 0
+
+    def __len__(self):
+        return 256
+
+    def get_vocab(self):
+        return {"<eos>": 0}
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[max(1, min(255, ord(c))) for c in t] for t in texts]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Intra-op threads stall on a shared CPU; the trainer itself runs single-threaded ops."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def tiny_lm(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    return lm_from_model(LlamaForCausalLM(cfg), CharTokenizer(), name="tiny-llama")
+
+
+def text_file(tmp_path, n=300):
+    rng = random.Random(0)
+    words = ("the river a city old new stone red music of and light quiet ship north war "
+             "king paper field number small").split()
+    paras = [" ".join(rng.choice(words) for _ in range(rng.randint(12, 40))) for _ in range(n)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(paras))
+    return str(path)
+
+
+def random_params(d, F, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = init_params(d, F, g)
+    return TopKParams(p.W_enc_FD + 0.1 * torch.randn(F, d, generator=g),
+                      0.1 * torch.randn(F, generator=g), p.W_dec_FD,
+                      0.1 * torch.randn(d, generator=g))
+
+
+@pytest.mark.parametrize("with_aux", [False, True])
+def test_sparse_gradients_equal_autograd(with_aux):
+    d, F, B, k = 24, 96, 70, 5
+    p = random_params(d, F)
+    x = torch.randn(B, d, generator=torch.Generator().manual_seed(1))
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::4] = True
+    kw = dict(dead_F=dead, k_aux=12, aux_coef=0.25) if with_aux else {}
+    out, grads = topk_step(x, p, k, matmul_dtype=torch.float32, **kw)
+    leaves = TopKParams(*[t.clone().requires_grad_(True) for t in p])
+    loss = dense_topk_loss(x, leaves, k, **kw)
+    loss.backward()
+    loss = loss.detach()
+    for name, g, leaf in zip(TopKParams._fields, grads, leaves):
+        torch.testing.assert_close(g, leaf.grad, rtol=1e-5, atol=1e-6, msg=name)
+    total = out.loss + (0.25 * out.aux_loss if with_aux else 0)
+    assert total == pytest.approx(loss.item(), rel=1e-5)
+    assert (out.aux_loss > 0) == with_aux
+
+
+def test_rows_grad_is_the_sparse_product():
+    idx = torch.tensor([[0, 2], [2, 3]])
+    w = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = rows_grad(idx, w, v, 5)
+    expect = torch.tensor([[1.0, 0.0], [0.0, 0.0], [2.0, 3.0], [0.0, -1.0], [0.0, 0.0]])
+    torch.testing.assert_close(out, expect)
+
+
+def test_bf16_step_close_to_fp32():
+    p = random_params(64, 256)
+    x = torch.randn(200, 64, generator=torch.Generator().manual_seed(2))
+    a, _ = topk_step(x, p, 8, matmul_dtype=torch.float32)
+    b, _ = topk_step(x, p, 8, matmul_dtype=torch.bfloat16)
+    assert b.loss == pytest.approx(a.loss, rel=0.02)
+
+
+def test_planted_features_are_recovered():
+    """Activations that are sparse non-negative sums of known unit directions: the decoder
+    rows learn those directions (max cosine per true direction)."""
+    g = torch.Generator().manual_seed(0)
+    d, n_true, active, B = 32, 48, 3, 256
+    true = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=-1)
+    trainer = TopKTrainer(d, 96, active, k_aux=16, dead_tokens=2000, outlier_factor=1e9,
+                          seed=0, matmul_dtype=torch.float32)
+    for step in range(600):
+        idx = torch.rand(B, n_true, generator=g).argsort(-1)[:, :active]
+        coef = 1 + torch.rand(B, active, generator=g)
+        x = torch.einsum("bk,bkd->bd", coef, true[idx])
+        h = torch.cat([torch.zeros(B, 1, d), x[:, None]], 1)  # position 0 is dropped
+        lr = 3e-3 if step < 500 else 3e-4
+        out = trainer.step(trainer.prepare(h), lr)
+    W = torch.nn.functional.normalize(trainer.params.W_dec_FD.detach(), dim=-1)
+    best = (true @ W.T).max(1).values
+    assert out.loss < 0.05
+    assert float(best.median()) > 0.95
+    assert float((best > 0.9).float().mean()) > 0.9
+
+
+def test_prepare_drops_position_0_and_outliers_and_sets_scale():
+    t = TopKTrainer(8, 16, 2, outlier_factor=10.0)
+    h = torch.randn(4, 10, 8)
+    h[:, 0] *= 1000
+    h[1, 5] *= 1000  # an outlier inside the sequence
+    x = t.prepare(h)
+    assert x.shape == (4 * 9 - 1, 8)
+    assert float(x.pow(2).sum(-1).mean()) == pytest.approx(8, rel=1e-4)
+    torch.testing.assert_close(t.params.b_dec_D.detach(), x.mean(0))
+
+
+def _weights(folder):
+    return {p.name: load_sae(p) for p in sorted(folder.iterdir()) if (p / "cfg.json").exists()}
+
+
+def test_suite_training_resume_after_kill_is_bitwise_identical(tmp_path):
+    source = text_file(tmp_path)
+    cfg = TrainConfig(width=64, k=4, tokens=8 * 128, batch_tokens=128, seq_len=32, lr=3e-3,
+                      warmup_steps=2, k_aux=8, dead_tokens=64, source=source,
+                      checkpoint_every=3, eval_tokens=128, eval_loss_tokens=64, workers=2)
+    sites = "0-1/res,1/mlp,2/att"
+    full = train_suite(tiny_lm(), sites, cfg, tmp_path / "full", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step):
+        if step == 5:
+            raise Killed
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Killed):
+        train_suite(tiny_lm(), sites, cfg, cut, progress=False, on_step=kill_at_5)
+    assert (cut / CHECKPOINT).exists() and not (cut / "suite.json").exists()
+    assert torch.load(cut / CHECKPOINT, weights_only=False)["step"] == 3
+    train_suite(tiny_lm(), sites, cfg, cut, progress=False)
+    assert not (cut / CHECKPOINT).exists()
+    a, b = _weights(full), _weights(cut)
+    assert sorted(a) == ["0-res", "1-mlp", "1-res", "2-att"] == sorted(b)
+    for name in a:
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert torch.equal(getattr(a[name], key), getattr(b[name], key)), (name, key)
+
+    # the folder is a suite: suite.json names the sites, quality rows exist, SAEs reopen
+    info = json.loads((full / "suite.json").read_text())
+    assert info["sites"] == ["0/res", "1/mlp", "1/res", "2/att"]
+    assert len(info["quality"]) == 4 and (full / "quality.csv").exists()
+    suite = load_suite(full)
+    sae = suite["1/mlp"]
+    assert sae.activation == "topk" and sae.k == 4 and sae.d_sae == 64
+    assert sae.metadata["saeflow_training"]["width"] == 64
+
+
+def test_saved_sae_works_on_raw_activations(tmp_path):
+    """The input scale is folded into the files: the loaded SAE maps raw activations exactly as
+    the trainer maps scaled ones (up to the scale)."""
+    from saeflow.formats import save_saelens
+    g = torch.Generator().manual_seed(0)
+    t = TopKTrainer(16, 32, 4, outlier_factor=1e9, matmul_dtype=torch.float32)
+    raw = 37.0 * torch.randn(8, 65, 16, generator=g)
+    for _ in range(20):
+        t.step(t.prepare(raw), 3e-3)
+    assert t.scale == pytest.approx(1 / 37.0, rel=0.05)
+    save_saelens(t.sae(Site(3, "mlp")), tmp_path / "sae", model_name="m")
+    sae = load_sae(tmp_path / "sae")
+    assert sae.site == Site(3, "mlp") and sae.input_scale == 1.0 and sae.output_scale == 1.0
+    x = raw[:, 1:].reshape(-1, 16)
+    xs = x * t.scale
+    p = t.params
+    pre = (xs - p.b_dec_D) @ p.W_enc_FD.T + p.b_enc_F
+    vals, idx = pre.topk(4, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, idx, vals.clamp_min(0))
+    expect = (z @ p.W_dec_FD + p.b_dec_D) / t.scale
+    torch.testing.assert_close(sae.reconstruct(x), expect.detach(), rtol=1e-4, atol=1e-3)
+    fvu = float((sae.reconstruct(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu < 1.0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="k=40"):
+        TrainConfig(width=32, k=40)
+    with pytest.raises(ValueError, match="matmul"):
+        TrainConfig(matmul="int8")
+    cfg = TrainConfig(tokens=10_000, batch_tokens=1000, seq_len=100, warmup_steps=2)
+    assert cfg.steps == 10
+    assert cfg.lr_at(0) == pytest.approx(cfg.lr / 2)
+    assert cfg.lr_at(5) == pytest.approx(cfg.lr)
+    assert cfg.lr_at(9) == pytest.approx(cfg.lr / 2)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    source = text_file(tmp_path)
+    cfg = TrainConfig(width=32, k=4, tokens=6 * 64, batch_tokens=64, seq_len=32,
+                      source=source, checkpoint_every=2, eval_tokens=0)
+
+    def kill(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_suite(tiny_lm(), "0/res", cfg, tmp_path / "r", progress=False, on_step=kill)
+    with pytest.raises(ValueError, match="width"):
+        train_suite(tiny_lm(), "0/res", dataclasses.replace(cfg, width=48), tmp_path / "r",
+                    progress=False)
+
+
+def test_kill_during_final_evaluation_does_not_retrain(tmp_path, monkeypatch):
+    from saeflow import quality
+    source = text_file(tmp_path)
+    cfg = TrainConfig(width=32, k=4, tokens=4 * 64, batch_tokens=64, seq_len=32, source=source,
+                      eval_tokens=128, eval_loss_tokens=64)
+    real = quality.evaluate
+
+    def broken(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality, "evaluate", broken)
+    with pytest.raises(KeyboardInterrupt):
+        train_suite(tiny_lm(), "1/att", cfg, tmp_path / "e", progress=False)
+    assert (tmp_path / "e" / "1-att" / "cfg.json").exists()
+    assert not (tmp_path / "e" / "suite.json").exists()
+    monkeypatch.setattr(quality, "evaluate", real)
+    steps = []
+    train_suite(tiny_lm(), "1/att", cfg, tmp_path / "e", progress=False, on_step=steps.append)
+    assert steps == []  # nothing retrained
+    info = json.loads((tmp_path / "e" / "suite.json").read_text())
+    assert info["sites"] == ["1/att"] and len(info["quality"]) == 1
+    assert not (tmp_path / "e" / ".trained.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_trains_a_small_real_suite(tmp_path, capsys):
+    """``saeflow train`` on the embedded SmolLM2 with a CI-sized setting, then ``quality``."""
+    from saeflow.cli import main
+    out = tmp_path / "small"
+    argv = ["train", "--sites", "0-1/res,1/mlp,1/att", "--tokens", "4096", "--eval-tokens",
+            "512", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    info = json.loads((out / "suite.json").read_text())
+    assert info["model"] == "smollm2" and len(info["sites"]) == 4
+    assert info["training"]["tokens_trained"] == 4096
+    assert all(0 < r["fvu"] < 1.5 for r in info["quality"])
+    suite = load_suite(out)
+    assert suite["1/mlp"].d_sae == 2304 and suite["1/mlp"].k == 32
+    assert main(argv) == 0  # second call reuses the finished suite
+    assert "already holds a trained suite" in capsys.readouterr().out
+    assert main(["quality", str(out), "--cached"]) == 0
+    assert "med FVU" in capsys.readouterr().out

@@ -1,0 +1,475 @@
+"""The viewer's JSON API on a small planted atlas (Flask test client), its server, and the
+contexts that feed it.
+
+The setup is real end to end and offline: a planted suite (known lineage and parents) whose
+width fits a tiny random Llama, a byte-level tokenizer built in memory (256 tokens, lossless),
+the atlas computed with labels, contexts computed from a few texts.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from saeflow.sites import Feature, Site
+
+TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
+         "Wedding bells rang in the old church as the bride and groom arrived.",
+         "Quantum physics describes particles, waves and the forces between them.",
+         "The market closed higher today as technology shares rallied strongly.",
+         "She planted tomatoes, beans and basil in the garden behind the house."] * 3
+
+
+def byte_tokenizer():
+    """A lossless byte-level BPE tokenizer with no merges (vocab 256), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
+def tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from saeflow.models import lm_from_model
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                      max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None, initializer_range=0.4)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = None
+    return lm_from_model(model, byte_tokenizer(), name="tiny-llama")
+
+
+def build_setup(folder):
+    """(atlas, suite, lm, truth): a planted 4-layer suite, its atlas with labels and contexts."""
+    from saeflow.atlas import compute_atlas
+    from saeflow.contexts import ContextSettings, compute_contexts
+    from saeflow.synthetic import planted_suite
+    lm = tiny_lm()
+    suite, truth = planted_suite(n_layers=4, width=96, d_model=64, seed=0)
+    atlas = compute_atlas(suite, folder, lm, null_samples=256, progress=False)
+    compute_contexts(lm, suite, folder, ContextSettings(n_tokens=4096, seq_len=48, batch_size=4),
+                     texts=TEXTS, progress=False)
+    return atlas, suite, lm, truth
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return build_setup(tmp_path_factory.mktemp("atlas"))
+
+
+@pytest.fixture(scope="module")
+def loads():
+    return []
+
+
+@pytest.fixture(scope="module")
+def app(setup, loads):
+    from saeflow.viewer import create_app
+    atlas, suite, lm, _ = setup
+
+    def load():  # the model is loaded lazily, on the first steering request
+        loads.append(time.time())
+        return lm, suite
+    app = create_app(atlas.root, load_model=load, texts=TEXTS)
+    view = app.extensions["saeflow.view"]
+    assert view._context_ready.wait(30)
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def get(client, url, status=200):
+    r = client.get(url, follow_redirects=True)
+    assert r.status_code == status, (url, r.status_code, r.data[:300])
+    assert r.mimetype == "application/json", (url, r.mimetype)
+    return r.get_json()
+
+
+def wait_job(client, job_id, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        j = get(client, f"/api/jobs/{job_id}")
+        if j["status"] in ("done", "error"):
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+# ---- atlas pages -------------------------------------------------------------------------------
+def test_overview_reports_the_atlas(client, setup):
+    atlas = setup[0]
+    o = get(client, "/api/overview")
+    assert o["name"] == "planted" and o["model"] == "tiny-llama"
+    assert o["layers"] == [0, 1, 2, 3] and o["n_features"] == 12 * 96
+    assert o["site_counts"] == {"res": 4, "mlp": 4, "att": 4}
+    for L, fr in o["class_fractions"].items():
+        assert abs(sum(fr.values()) - 1) < 1e-3
+        assert fr == pytest.approx(atlas.class_fractions()[int(L)], abs=1e-4)
+    assert o["thresholds"]["2"]["res"] == pytest.approx(atlas.thresholds[2]["res"], abs=1e-4)
+    assert o["thresholds"]["0"]["res"] is None  # layer 0 has no R_{-1}: NaN becomes null
+    assert o["contexts"]["complete"] and o["contexts"]["n_sequences"] > 0
+    assert o["steering"] == {"available": True, "model_loaded": False, "busy": False,
+                             "queued": 0, "load_error": None, "reason": None}
+    assert set(o["export_formats"]) == {"json", "graphml", "dot", "svg", "png", "neuronpedia"}
+
+
+def test_feature_page_matches_planted_parents(client, setup):
+    atlas, _, _, truth = setup
+    codes = truth.classes[2]
+    translated = [i for i in range(96) if codes[i] == 0][:5]
+    assert translated
+    for i in translated:
+        f = get(client, f"/api/features/2/res/{i}")
+        assert f["lineage"] == atlas.lineage(f"2/res/{i}")
+        res = next(p for p in f["predecessors"] if p["kind"] == "res")
+        assert res["id"] == f"1/res/{truth.parent_res[2][i]}"  # the planted parent
+        assert res["cos"] == pytest.approx(atlas.predecessors(f"2/res/{i}")["res"][1], abs=1e-4)
+        assert [s["id"] for s in f["successors"]] == [str(g) for g, _ in
+                                                      atlas.successors(f"2/res/{i}", 5)]
+        assert f["promoted_tokens"] == atlas.tokens(f"2/res/{i}") and len(f["promoted_tokens"]) == 6
+        assert f["prev"] == (f"2/res/{i - 1}" if i else None)
+    mlp = get(client, "/api/features/2/mlp/7")
+    assert mlp["lineage"] is None and mlp["predecessors"] == []
+    assert mlp["successors"][0]["id"].startswith("2/res/")
+
+
+def test_feature_contexts_come_from_the_texts(client):
+    f = get(client, "/api/features/1/res/5?contexts=3")
+    assert f["contexts"] is not None and 0 < len(f["contexts"]) <= 3
+    joined = " ".join(TEXTS)
+    acts = [c["activation"] for c in f["contexts"]]
+    assert acts == sorted(acts, reverse=True) and acts[0] > 0
+    for c in f["contexts"]:
+        assert (c["before"] + c["token"] + c["after"]).strip()[:4] in joined
+
+
+def test_search_by_id_site_number_lineage_and_text(client, setup):
+    atlas = setup[0]
+    r = get(client, "/api/search?q=3/res/10")
+    assert [x["id"] for x in r["results"]] == ["3/res/10"] and r["results"][0]["match"] == "id"
+    assert get(client, "/api/search?q=3-res-10")["results"][0]["id"] == "3/res/10"
+    assert get(client, "/api/search?q=3/res/500")["total"] == 0
+    assert get(client, "/api/search?q=2/mlp")["total"] == 96
+    assert get(client, "/api/search?q=17")["total"] == 12
+    # lineage + layer filter counts equal the atlas's own classes
+    codes = np.asarray(atlas.lineage_codes(2))
+    r = get(client, "/api/search?lineage=translated&layer=2&limit=500")
+    assert r["total"] == int((codes == 0).sum())
+    assert all(x["lineage"] == "translated" and x["layer"] == 2 for x in r["results"])
+    # paging over everything
+    page = get(client, "/api/search?offset=1100&limit=100")
+    assert page["total"] == 1152 and len(page["results"]) == 52
+    assert page["results"][-1]["id"] == "3/res/95"
+    # text: a label token finds its feature
+    f, token = next((f, t.strip()) for f in (f"1/mlp/{i}" for i in range(96))
+                    for t in atlas.tokens(f) if t.strip().isalpha())
+    r = get(client, f"/api/search?q={token}&layer=1&kind=mlp&limit=500")
+    assert f in [x["id"] for x in r["results"]] and r["total"] < 96
+    # contexts: the text around a feature's peak finds the feature
+    view = client.application.extensions["saeflow.view"]
+    i, peak = next((i, p.split(" | ")[0].strip()) for i, p in
+                   enumerate(view.contexts.peak_texts(Site(1, "res")))
+                   if len(p.split(" | ")[0].strip()) >= 3)
+    r = get(client, f"/api/search?q={peak}&layer=1&kind=res&limit=500")
+    hit = next(x for x in r["results"] if x["id"] == f"1/res/{i}")
+    assert hit["match"] == "label" or peak.lower() in hit["snippet"].lower()
+
+
+def test_graph_and_thresholds_follow_trace(client, setup):
+    from saeflow.flow import trace
+    atlas = setup[0]
+    g = get(client, "/api/graph/3/res/4")
+    want = trace(atlas, "3/res/4").to_json()
+    assert [n["id"] for n in g["nodes"]] == [n["id"] for n in want["nodes"]]
+    assert len(g["edges"]) == len(want["edges"]) and g["seed"] == "3/res/4"
+    assert all(n["kind"] in ("res", "mlp", "att") for n in g["nodes"])
+    loose = get(client, "/api/graph/3/res/4?res_threshold=0.05&block_threshold=0.05")
+    strict = get(client, "/api/graph/3/res/4?res_threshold=0.99&block_threshold=0.99")
+    assert len(strict["nodes"]) == 1 <= len(g["nodes"]) <= len(loose["nodes"])
+
+
+def test_exports_in_every_format(client):
+    from saeflow.flow import FlowGraph
+    for fmt, mime in [("json", "application/json"), ("graphml", "application/xml"),
+                      ("dot", "text/vnd.graphviz"), ("svg", "image/svg+xml"),
+                      ("png", "image/png"), ("neuronpedia", "application/json")]:
+        r = client.get(f"/api/export/2/res/3?fmt={fmt}&res_threshold=0.3")
+        assert r.status_code == 200 and r.mimetype == mime, fmt
+        assert "attachment" in r.headers["Content-Disposition"]
+    png = client.get("/api/export/2/res/3?fmt=png").data
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    g = FlowGraph.from_json(json.loads(client.get("/api/export/2/res/3?fmt=json").data))
+    assert str(g.seed) == "2/res/3"
+    nb = json.loads(client.get("/api/export/2/res/3?fmt=neuronpedia").data)
+    assert {"metadata", "nodes", "links"} <= set(nb)
+
+
+# ---- errors and safety -------------------------------------------------------------------------
+BAD = [("/api/features/9/res/1", 404), ("/api/features/2/res/96", 404),
+       ("/api/features/2/att_z/1", 404), ("/api/features/abc", 400),
+       ("/api/features/2/res/-1", 400), ("/api/features/", 404),
+       ("/api/features/2/res/99999999999999999999", 404),
+       ("/api/graph/2/res/3?res_threshold=nan", 400), ("/api/graph/2/res/3?res_threshold=2", 400),
+       ("/api/graph/2/res/3?block_threshold=x", 400), ("/api/graph/2/res/3?res_threshold=inf", 400),
+       ("/api/export/2/res/3?fmt=exe", 400), ("/api/export/2/res/3?fmt=../../etc/passwd", 400),
+       ("/api/search?limit=0", 400), ("/api/search?limit=100000", 400),
+       ("/api/search?offset=-5", 400), ("/api/search?layer=x", 400),
+       ("/api/search?lineage=bogus", 400), ("/api/search?kind=foo", 400),
+       ("/api/search?q=" + "x" * 500, 400), ("/api/jobs/nope", 404), ("/api/nothing", 404),
+       ("/api/steer", 405), ("/static/../atlas.json", 404), ("/static/%2e%2e/server.py", 404),
+       ("/static/..%2f..%2fatlas.json", 404), ("/api/features/..%2F..%2Fatlas.json", 400),
+       ("/../../etc/passwd", 404), ("/static//etc/passwd", 404)]
+
+
+@pytest.mark.parametrize("url,status", BAD)
+def test_bad_requests_are_json_4xx(client, url, status):
+    body = get(client, url, status)
+    assert isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in body["error"] and "root:" not in json.dumps(body)
+
+
+def test_static_files_only_from_the_package(client):
+    assert client.get("/static/app.js").status_code == 200
+    r = client.get("/")
+    assert r.status_code == 200 and b"saeflow" in r.data
+    assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+
+
+def test_foreign_host_header_is_refused(client):
+    r = client.get("/api/overview", headers={"Host": "evil.example:8765"})
+    assert r.status_code == 403 and "error" in r.get_json()
+    assert client.get("/api/overview", headers={"Host": "127.0.0.1:8765"}).status_code == 200
+
+
+def test_unexpected_errors_hide_details(app, client, monkeypatch):
+    view = app.extensions["saeflow.view"]
+    monkeypatch.setattr(view, "overview", lambda **kw: 1 / 0)
+    body = get(client, "/api/overview", 500)
+    assert "ZeroDivision" not in body["error"] and "Traceback" not in body["error"]
+
+
+# ---- steering ----------------------------------------------------------------------------------
+STEER = {"prompt": "The wedding", "seed": "2/res/3", "max_new_tokens": 6, "greedy": True,
+         "magnitude": "none"}
+BAD_STEER = [({}, 400), ({"prompt": ""}, 400), ({"prompt": "x"}, 400),
+             ({**STEER, "seed": "9/res/1"}, 404), ({**STEER, "seed": "nope"}, 400),
+             ({**STEER, "features": ["2/res/999"]}, 404), ({**STEER, "features": "2/res/1"}, 400),
+             ({**STEER, "mode": "all"}, 400), ({**STEER, "schedule": "linear"}, 400),
+             ({**STEER, "coefficient": "big"}, 400), ({**STEER, "coefficient": 1e9}, 400),
+             ({**STEER, "max_new_tokens": 100000}, 400), ({**STEER, "layer": 0, "mode": "single",
+                                                           "res_threshold": 0.99,
+                                                           "block_threshold": 0.99}, 400),
+             ({**STEER, "action": "explode"}, 400), ({**STEER, "magnitude": "huge"}, 400),
+             ({**STEER, "greedy": "yes"}, 400)]
+
+
+@pytest.mark.parametrize("body,status", BAD_STEER)
+def test_bad_steering_requests(client, body, status):
+    r = client.post("/api/steer", json=body)
+    assert r.status_code == status, (body, r.get_json())
+    assert r.get_json()["error"]
+
+
+def test_steering_needs_json(client):
+    r = client.post("/api/steer", data="prompt=x", content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 415
+
+
+def test_steering_job_runs_the_plan_and_loads_the_model_once(client, setup, loads):
+    from saeflow.hooks import hook_count
+    from saeflow.steer import generate, plan_from_graph
+    atlas, suite, lm, _ = setup
+    r = client.post("/api/steer", json={**STEER, "coefficient": 6.0})
+    assert r.status_code == 202
+    job = wait_job(client, r.get_json()["id"])
+    assert job["status"] == "done", job["error"]
+    assert len(loads) == 1 and hook_count(lm.model) == 0
+    # the plan is saeflow.steer's plan of the traced graph
+    from saeflow.flow import trace
+    plan = plan_from_graph(trace(atlas, "2/res/3"), coefficient=6.0)
+    assert [(t["feature"], t["coefficient"]) for t in job["plan"]] == \
+        [(str(f), c) for f, c in plan.terms]
+    # the texts are those saeflow.steer.generate gives, steered and not
+    plain = generate(lm, "The wedding", None, 6, greedy=True)[0].text
+    steered = generate(lm, "The wedding", plan, 6, suite=suite, greedy=True)[0].text
+    assert job["unsteered"] == plain and job["steered"] == steered and plain != steered
+    assert job["progress"]["done"] == job["progress"]["total"] == 12
+    # a zero coefficient changes nothing; the model is not loaded again
+    job0 = wait_job(client, client.post("/api/steer", json={**STEER, "coefficient": 0.0})
+                    .get_json()["id"])
+    assert job0["steered"] == job0["unsteered"] == plain and len(loads) == 1
+    assert get(client, "/api/status")["steering"]["model_loaded"] is True
+
+
+def test_steering_with_picked_nodes(client, setup):
+    job = wait_job(client, client.post("/api/steer", json={
+        **STEER, "features": ["1/res/21", "2/mlp/47"], "coefficient": 3.0,
+        "magnitude": "res_norm"}).get_json()["id"])
+    assert job["status"] == "done", job["error"]
+    assert {t["feature"] for t in job["plan"]} == {"1/res/21", "2/mlp/47"}
+    assert job["magnitude"] == "res_norm" and all(t["magnitude"] > 0 for t in job["plan"])
+
+
+def test_theme_search_job(client):
+    r = client.post("/api/themes", json={"description": "weddings", "site": "2/res", "top": 5,
+                                         "examples": [TEXTS[1], TEXTS[1].upper()]})
+    assert r.status_code == 202
+    job = wait_job(client, r.get_json()["id"])
+    assert job["status"] == "done", job["error"]
+    assert len(job["features"]) == 5 and all(f["id"].startswith("2/res/") for f in job["features"])
+    assert client.post("/api/themes", json={"description": ""}).status_code == 400
+    assert client.post("/api/themes", json={"description": "x", "site": "9/res"}).status_code == 404
+
+
+def test_closing_cancels_a_running_generation(setup):
+    from saeflow.hooks import hook_count
+    from saeflow.viewer import create_app
+    atlas, suite, lm, _ = setup
+    app = create_app(atlas.root, lm=lm, suite=suite, texts=TEXTS)
+    c = app.test_client()
+    job_id = c.post("/api/steer", json={**STEER, "max_new_tokens": 256}).get_json()["id"]
+    t0 = time.time()
+    while get(c, f"/api/jobs/{job_id}")["progress"]["done"] < 2 and time.time() - t0 < 60:
+        time.sleep(0.02)
+    for close in app.extensions["saeflow.close"]:
+        close()
+    job = get(c, f"/api/jobs/{job_id}")
+    assert job["status"] == "error" and "cancelled" in job["error"]
+    assert job["progress"]["done"] < 2 * 256 and hook_count(lm.model) == 0
+    assert c.post("/api/steer", json=STEER).status_code == 429  # closed: no new jobs
+
+
+def test_viewer_without_a_model_refuses_steering(setup):
+    from saeflow.viewer import create_app
+    c = create_app(setup[0], steering_off_reason="no suite here").test_client()
+    steering = c.get("/api/overview").get_json()["steering"]
+    assert steering["available"] is False and steering["reason"] == "no suite here"
+    r = c.post("/api/steer", json=STEER)
+    assert r.status_code == 409 and "model" in r.get_json()["error"]
+
+
+# ---- the real server ---------------------------------------------------------------------------
+def _http(url, data=None, timeout=30):
+    req = urllib.request.Request(url, data=json.dumps(data).encode() if data else None,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_answers_while_a_generation_runs(app):
+    from saeflow.viewer import ViewerServer
+    server = ViewerServer(app, port=0).start()
+    try:
+        status, job = _http(f"{server.url}/api/steer", {**STEER, "max_new_tokens": 200,
+                                                       "coefficient": 2.0})
+        assert status == 202
+        latencies, errors = [], []
+
+        def hit():
+            t0 = time.perf_counter()
+            s, _ = _http(f"{server.url}/api/features/1/res/3")
+            latencies.append(time.perf_counter() - t0)
+            if s != 200:
+                errors.append(s)
+        threads = [threading.Thread(target=hit) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        _, running = _http(f"{server.url}/api/jobs/{job['id']}")
+        assert not errors and max(latencies) < 5
+        assert running["status"] in ("running", "done")
+        t0 = time.time()
+        while running["status"] not in ("done", "error") and time.time() - t0 < 120:
+            time.sleep(0.2)
+            _, running = _http(f"{server.url}/api/jobs/{job['id']}")
+        assert running["status"] == "done" and running["steered"]
+    finally:
+        server.shutdown()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{server.url}/api/overview", timeout=2)
+
+
+# ---- contexts ----------------------------------------------------------------------------------
+def test_merge_topk_keeps_one_peak_per_sequence():
+    from saeflow.contexts import merge_topk
+    k, F = 2, 3
+    vals = torch.zeros(F, k)
+    seqs = torch.full((F, k), -1, dtype=torch.int32)
+    pos = torch.full((F, k), -1, dtype=torch.int32)
+    acts = torch.tensor([[[1.0, 0.0, 0.0], [5.0, 0.0, 0.0], [2.0, 0.0, 0.5]],   # seq 10
+                         [[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 4.0]]])  # seq 11
+    vals, seqs, pos = merge_topk(vals, seqs, pos, acts, seq_offset=10)
+    assert vals[0].tolist() == [5.0, 3.0] and seqs[0].tolist() == [10, 11]
+    assert pos[0].tolist() == [2, 2]  # position 1 of the trimmed batch is token 2
+    assert seqs[1].tolist() == [-1, -1] and vals[1].tolist() == [0.0, 0.0]  # never fires
+    assert vals[2].tolist() == [4.0, 0.5] and pos[2].tolist() == [3, 3]
+    acts2 = torch.zeros(1, 3, F)
+    acts2[0, 0, 0] = 4.0
+    vals, seqs, pos = merge_topk(vals, seqs, pos, acts2, seq_offset=12)
+    assert vals[0].tolist() == [5.0, 4.0] and seqs[0].tolist() == [10, 12]
+
+
+def test_contexts_resume_after_an_interruption(setup, tmp_path, monkeypatch):
+    import saeflow.hooks
+    from saeflow.contexts import ContextSettings, Contexts, compute_contexts
+    _, suite, lm, _ = setup
+    cfg = ContextSettings(n_tokens=4 * 32 * 3, seq_len=32, batch_size=4)
+    sites = [Site(1, "res"), Site(2, "mlp")]
+    full = Contexts(compute_contexts(lm, suite, tmp_path / "a", cfg, sites=sites, texts=TEXTS,
+                                     progress=False))
+    real, calls = saeflow.hooks.run_sites, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(saeflow.hooks, "run_sites", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        compute_contexts(lm, suite, tmp_path / "b", cfg, sites=sites, texts=TEXTS,
+                         checkpoint_every=1, progress=False)
+    partial = Contexts(tmp_path / "b" / "contexts.safetensors")
+    assert not partial.complete and partial.info()["batches_done"] == 1
+    monkeypatch.setattr(saeflow.hooks, "run_sites", real)
+    resumed = Contexts(compute_contexts(lm, suite, tmp_path / "b", cfg, sites=sites, texts=TEXTS,
+                                        progress=False))
+    assert resumed.complete and resumed.info()["batches_done"] == 3
+    assert torch.equal(resumed.tokens, full.tokens)
+    for f in ("1/res/0", "1/res/50", "2/mlp/7"):
+        assert resumed.top(f) == full.top(f)
+    assert full.top(Feature.parse("3/res/1")) == []  # a site that was not computed
+
+
+# ---- the command -------------------------------------------------------------------------------
+def test_view_command_resolves_atlases(setup, tmp_path, capsys):
+    from saeflow.cli import main
+    from saeflow.commands.view import resolve_atlas, steering_loader
+    atlas, suite = resolve_atlas(str(setup[0].root))
+    assert atlas.root == setup[0].root and suite is None
+    load, why = steering_loader(atlas, None, None, type("A", (), {"no_steering": False,
+                                                                  "model": None})())
+    assert load is None and "--suite" in why  # the planted suite lives in memory only
+    assert main(["view", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["view", str(setup[0].root), "--port", "70000"]) == 2
