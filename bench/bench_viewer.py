@@ -40,8 +40,10 @@ def find_atlas(arg: str | None, tmp: Path) -> Path:
     if arg:
         return Path(arg)
     from saeflow.models import cache_dir
-    for p in sorted((cache_dir() / "atlases").glob("*/atlas.json")):
-        return p.parent
+    cached = sorted((cache_dir() / "atlases").glob("*/atlas.json"),
+                    key=lambda p: p.parent.name != "smollm2-starter")
+    if cached:
+        return cached[0].parent
     from saeflow.atlas import compute_atlas
     from saeflow.synthetic import planted_suite
     print("bench: no cached atlas; computing a planted 12-layer atlas (3 x 2048 per layer)")
@@ -63,16 +65,19 @@ def start(atlas: Path, backend: str) -> tuple[subprocess.Popen, str]:
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()
-    while time.time() - t0 < 60:
+    while time.time() - t0 < 180:
         if proc.poll() is not None:
             raise RuntimeError(f"the {backend} viewer exited: {proc.stderr.read()[-2000:]}")
         try:
-            urllib.request.urlopen(url + "/api/overview", timeout=2).read()
-            return proc, url
+            status = json.loads(urllib.request.urlopen(url + "/api/status", timeout=2).read())
+            if status["index"]["ready"]:  # measure the steady state, not the start-up indexing
+                print(f"bench: {backend} ready (search index built) in {time.time() - t0:.1f} s")
+                return proc, url
         except (urllib.error.URLError, OSError):
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     proc.kill()
-    raise RuntimeError(f"the {backend} viewer did not answer within 60 s")
+    raise RuntimeError(f"the {backend} viewer was not ready within 180 s")
 
 
 def request_list(overview: dict, n: int, seed: int = 0) -> list[tuple[str, int]]:
@@ -107,6 +112,7 @@ def request_list(overview: dict, n: int, seed: int = 0) -> list[tuple[str, int]]
 def burst(url: str, requests: list[tuple[str, int]], concurrency: int) -> dict:
     deadline = time.time() + BUDGET_S
     lat: list[float] = []
+    by_route: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
 
     def one(item):
@@ -128,8 +134,11 @@ def burst(url: str, requests: list[tuple[str, int]], concurrency: int) -> dict:
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for err, dt in pool.map(one, requests):
+        for (path, want), (err, dt) in zip(requests, pool.map(one, requests)):
             lat.append(dt)
+            route = "bad request (4xx)" if want != 200 else path.split("?")[0].split("/")[2] \
+                if path.startswith("/api/") else "static"
+            by_route.setdefault(route, []).append(dt)
             if err:
                 errors[err] = errors.get(err, 0) + 1
     wall = time.perf_counter() - t0
@@ -137,7 +146,9 @@ def burst(url: str, requests: list[tuple[str, int]], concurrency: int) -> dict:
 
     def pct(q):
         return 1000 * lat[min(len(lat) - 1, int(q * len(lat)))]
+    routes = {r: (len(v), 1000 * sorted(v)[len(v) // 2], 1000 * max(v)) for r, v in by_route.items()}
     return {"n": len(requests), "errors": sum(errors.values()), "error_kinds": errors,
+            "routes": routes,
             "rps": len(requests) / wall, "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99),
             "max": 1000 * lat[-1]}
 
@@ -179,6 +190,8 @@ def main() -> int:
               f"{r['p99']:>9.1f}{r['max']:>9.1f}  {'yes' if r['alive'] else 'NO'}")
         for kind, count in r["error_kinds"].items():
             print(f"    {count} x {kind}")
+        print("    " + ", ".join(f"{route} n={n} p50 {p50:.0f} max {mx:.0f}"
+                                  for route, (n, p50, mx) in sorted(r["routes"].items())))
     a, b = results["waitress"], results["werkzeug"]
     print(f"\nwaitress / werkzeug: throughput x{a['rps'] / b['rps']:.2f}, "
           f"p50 x{a['p50'] / b['p50']:.2f}, p95 x{a['p95'] / b['p95']:.2f}, "

@@ -25,11 +25,14 @@ from the first missing layer; the label files are atomic per site.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,10 +118,6 @@ def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
     """Compute (or resume) the atlas of ``suite`` into ``out_dir`` (module docstring). Labels
     need ``lm``; without it they are skipped. ``thresholds`` overrides the null rule (see
     ``lineage.resolve_thresholds``)."""
-    from tqdm.auto import tqdm
-
-    from saeflow.match import Operand, resolve_precision, residual_decoder
-
     out = Path(out_dir)
     sites = suite.sites()
     sources = layer_sources(sites)
@@ -135,6 +134,35 @@ def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
         raise ValueError(f"k must be a positive integer, got {k!r}")
     settings = _settings(suite, k, null_samples, seed, label_tokens)
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _compute(suite, out, lm, settings, k=k, block=block, precision=precision,
+                        null_samples=null_samples, quantile=quantile, thresholds=thresholds,
+                        labels=labels, label_tokens=label_tokens, seed=seed, progress=progress)
+
+
+@contextmanager
+def _exclusive(out: Path):
+    """One writer per atlas folder (another process computing it makes this one wait)."""
+    with open(out / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"saeflow: waiting for another process computing the atlas in {out}",
+                  file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compute(suite, out: Path, lm, settings: dict, *, k, block, precision, null_samples,
+             quantile, thresholds, labels, label_tokens, seed, progress) -> Atlas:
+    from tqdm.auto import tqdm
+
+    from saeflow.match import Operand, resolve_precision, residual_decoder
+
+    sources = layer_sources(suite.sites())
     if (out / SETTINGS_JSON).exists():
         if json.loads((out / SETTINGS_JSON).read_text()) != settings:
             raise ValueError(f"{out} holds an atlas of another suite or other settings "
@@ -144,7 +172,6 @@ def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
         write_json_atomic(out / SETTINGS_JSON, settings)
     for stale in out.glob(".[0-9][0-9][0-9].*"):  # layer folders of an interrupted run
         shutil.rmtree(stale, ignore_errors=True)
-    prec = resolve_precision(precision)
     do_labels = labels and lm is not None
     t_start = time.perf_counter()
     prev: tuple[int, object] | None = None  # (layer, Operand of R_layer) for the next layer
@@ -161,6 +188,7 @@ def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
         res_dirs = residual_decoder(suite, Site(L, "res"))
         R = None
         if not done:
+            prec = resolve_precision(precision, res_dirs.shape[1])
             R = Operand.cosine(res_dirs, prec)
             reuse = prev[1] if prev is not None and prev[0] == L - 1 else None
             _match_layer(suite, lm, L, sources[L], R, reuse, part, k=k, block=block,
@@ -172,7 +200,7 @@ def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
                     _write_labels(out / "labels", site, lm.promoted_tokens(dirs, k=label_tokens))
         prev = None if R is None else (L, R)
     bar.close()
-    return _finalize(out, suite, sources, settings, prec, quantile, thresholds, do_labels, lm,
+    return _finalize(out, suite, sources, settings, quantile, thresholds, do_labels, lm,
                      time.perf_counter() - t_start)
 
 
@@ -210,13 +238,15 @@ def _match_layer(suite, lm, L: int, sources: dict[str, Site], R, prev_R, part: P
     os.replace(tmp, part)
 
 
-def _finalize(out: Path, suite, sources, settings, prec, quantile, thresholds, do_labels, lm,
+def _finalize(out: Path, suite, sources, settings, quantile, thresholds, do_labels, lm,
               seconds) -> Atlas:
     parts = {L: json.loads((out / "layers" / f"{L:03d}" / "part.json").read_text())
              for L in sources}
     widths = {}
     for p in parts.values():
         widths.update(p["widths"])
+    used = {st.get("precision") for p in parts.values() for st in p["stats"].values()}
+    prec = "+".join(sorted(x for x in used if x)) or "none"
     info = {"schema": SCHEMA, "suite": {"name": suite.name,
                                         "root": str(suite.root) if suite.root else None},
             "model": suite.model or (lm.name if lm is not None else None),

@@ -119,6 +119,8 @@ class SummaryRow(NamedTuple):
     success_rate: float
     mean_change: float
     median_change: float  # robust to targets that barely fired (z_old near 0)
+    oracle_success_rate: float  # the exhaustive oracle on the same pairs (nan if not run)
+    oracle_mean_change: float
 
 
 @dataclass
@@ -163,26 +165,34 @@ def pearson_top1(x_NT: Tensor, y_NF: Tensor, block: int = 1024) -> tuple[Tensor,
 
 
 def summarize(pairs: Sequence[PairOutcome]) -> list[SummaryRow]:
-    """Success rate and mean activation change per strategy and r, per layer x kind, with
-    "all" margins."""
+    """Success rate and activation change per strategy and r, per layer x kind, with "all"
+    margins; beside each, what the exhaustive oracle reaches on the same (target, kind)."""
+    def key(p):
+        return p.layer, p.kind, p.text, p.position, p.target, p.r
+
+    oracle = {key(p): p for p in pairs if p.strategy == "exhaustive"}
     groups: dict[tuple, list[PairOutcome]] = {}
     for p in pairs:
         for layer in (str(p.layer), "all"):
             for kind in (p.kind, "all"):
                 groups.setdefault((p.strategy, p.r, layer, kind), []).append(p)
 
-    def order(key):
-        s, r, layer, kind = key
+    def order(k):
+        s, r, layer, kind = k
         return (STRATEGIES.index(s), r, layer == "all", int(layer) if layer != "all" else 0,
                 (KIND_ORDER + ("all",)).index(kind))
 
     rows = []
-    for key in sorted(groups, key=order):
-        g = groups[key]
+    for k in sorted(groups, key=order):
+        g = groups[k]
         change = [p.change for p in g]
-        rows.append(SummaryRow(*key, n=len(g), success_rate=sum(p.success for p in g) / len(g),
-                               mean_change=float(np.mean(change)),
-                               median_change=float(np.median(change))))
+        o = [oracle.get(key(p)) for p in g]
+        o_ok = all(x is not None for x in o)
+        rows.append(SummaryRow(
+            *k, n=len(g), success_rate=sum(p.success for p in g) / len(g),
+            mean_change=float(np.mean(change)), median_change=float(np.median(change)),
+            oracle_success_rate=sum(x.success for x in o) / len(g) if o_ok else math.nan,
+            oracle_mean_change=float(np.mean([x.change for x in o])) if o_ok else math.nan))
     return rows
 
 

@@ -257,6 +257,7 @@ def evaluate(lm, saes: Mapping, source: str = "default", tokens: int = 8192,
 
 # ---- reporting -------------------------------------------------------------------------
 COLUMNS = [f.name for f in fields(QualityRow)]
+MIN_ABLATION_DELTA = 0.05  # nats; below it loss recovered is not summarised
 
 
 def _median(values: list[float]) -> float:
@@ -268,29 +269,39 @@ def _median(values: list[float]) -> float:
 
 
 def summarize(rows: list[QualityRow]) -> dict[str, dict[str, float]]:
-    """Medians per kind: ``{kind: {"fvu", "l0", "dead_frac", "loss_recovered", "n"}}``."""
+    """Medians per kind: ``{kind: {"fvu", "l0", "dead_frac", "loss_recovered",
+    "loss_recovered_sized", "n", "n_sized"}}``. ``loss_recovered_sized`` is the median over the
+    sites whose ablation raises the loss by at least ``MIN_ABLATION_DELTA`` nats (``n_sized``
+    of them): elsewhere the ratio divides by almost nothing and is noise."""
     out = {}
     for kind in sorted({r.kind for r in rows}, key=lambda k: _BLOCK_ORDER.get(k, 9)):
         rs = [r for r in rows if r.kind == kind]
+        sized = [r for r in rs if r.loss_ablated - r.loss_clean >= MIN_ABLATION_DELTA]
         out[kind] = {m: _median([getattr(r, m) for r in rs])
                      for m in ("fvu", "l0", "dead_frac", "loss_recovered")}
+        out[kind]["loss_recovered_sized"] = _median([r.loss_recovered for r in sized])
         out[kind]["n"] = len(rs)
+        out[kind]["n_sized"] = len(sized)
     return out
 
 
 def format_table(rows: list[QualityRow]) -> str:
     """Per-site table plus the medians per kind."""
-    head = f"{'site':>8} {'FVU':>7} {'L0':>6} {'dead':>6} {'loss rec':>8} {'ablation':>8}"
+    head = (f"{'site':>8} {'FVU':>7} {'L0':>6} {'dead':>6} {'loss rec':>8} {'ablation':>8} "
+            f"{'dL abl':>7}")
     lines = [head]
     for r in sorted(rows, key=lambda r: (r.layer, _BLOCK_ORDER.get(r.kind, 9))):
+        d_abl = r.loss_ablated - r.loss_clean
         lines.append(f"{r.site:>8} {r.fvu:7.3f} {r.l0:6.1f} {r.dead_frac:6.3f} "
-                     f"{r.loss_recovered:8.3f} {r.ablation:>8}")
+                     f"{r.loss_recovered:8.3f} {r.ablation:>8} {d_abl:7.3f}")
+    lines.append("(dL abl: loss increase under the ablation; loss rec is noise where it is tiny)")
     lines.append("")
     lines.append(f"{'kind':>8} {'n':>4} {'med FVU':>8} {'med L0':>7} {'med dead':>8} "
-                 f"{'med loss rec':>12}")
+                 f"{'med loss rec':>12} {f'(dL abl >= {MIN_ABLATION_DELTA})':>22}")
     for kind, m in summarize(rows).items():
         lines.append(f"{kind:>8} {m['n']:4d} {m['fvu']:8.3f} {m['l0']:7.1f} {m['dead_frac']:8.3f} "
-                     f"{m['loss_recovered']:12.3f}")
+                     f"{m['loss_recovered']:12.3f} {m['loss_recovered_sized']:10.3f} "
+                     f"of {m['n_sized']:2d} sites")
     return "\n".join(lines)
 
 
@@ -330,12 +341,20 @@ def plot(rows: list[QualityRow], path: Path, title: str = "") -> None:
     metrics = [("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead fraction"),
                ("loss_recovered", "loss recovered")]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    lo, hi = -0.2, 1.2  # loss recovered is clipped to this range (tiny denominators explode)
     for ax, (m, label) in zip(axes, metrics):
         for kind in sorted({r.kind for r in rows}, key=lambda k: _BLOCK_ORDER.get(k, 9)):
             rs = sorted((r for r in rows if r.kind == kind), key=lambda r: r.layer)
             ax.plot([r.layer for r in rs], [getattr(r, m) for r in rs], marker=".", label=kind)
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if m in ("l0", "dead_frac"):
+            ax.set_ylim(bottom=0)
+        if m == "loss_recovered":
+            off = sum(1 for r in rows if not lo <= r.loss_recovered <= hi)
+            ax.set_ylim(lo, hi)
+            if off:
+                ax.set_title(f"{label} ({off} off scale)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].legend()

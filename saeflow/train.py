@@ -369,7 +369,8 @@ def ensure_starter_suite(device: str = "cpu") -> Path:
     print(f"saeflow: training the starter suite first. No pretrained SAEs ship for the embedded "
           f"model (SmolLM2-135M), so saeflow trains its own: 90 TopK SAEs (30 layers x res, "
           f"mlp, att; width {cfg.width}, k {cfg.k}) on {cfg.tokens:,} tokens of bundled text. "
-          f"This takes about 10-15 minutes on 2 CPU cores, once; the result is cached in "
+          f"This takes about 15 minutes on 2 free CPU cores (longer when the machine is busy), "
+          f"once; the result is cached in "
           f"{folder} and an interrupted run resumes where it stopped.")
     return ensure_trained(folder, "all", cfg, "smollm2", device=device, name=STARTER_NAME)
 

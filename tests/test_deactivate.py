@@ -11,6 +11,8 @@ or A_2 by construction, and removing it must turn the target off.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -121,6 +123,10 @@ def test_planted_predecessor_found_and_kills_target(planted):
     assert [p.success for p, _ in rnd] == hits and 0 < sum(hits) < len(hits)
     rows = {(s.strategy, s.layer, s.kind): s for s in res.summary}
     assert rows[("top1", "all", "all")].n == sum(p.strategy == "top1" for p in res.pairs)
+    for s in res.summary:  # the oracle tries every single active feature, these among them
+        if s.strategy in ("top1", "random5", "permutation", "pearson"):
+            assert s.oracle_success_rate >= s.success_rate
+            assert s.oracle_mean_change >= s.mean_change - 1e-6
 
 
 def test_unrelated_feature_leaves_target_unchanged(planted):
@@ -222,11 +228,19 @@ def test_pearson_top1_known_answer():
 
 def test_summary_counts_and_config_errors():
     from saeflow.deactivate import PairOutcome
-    ps = [PairOutcome(6, k, "top1", 0.0, 0, 1, "6/res/1", "5/res/2", 0.9, 1.0, z, 1 - z, z == 0)
-          for k, z in [("res", 0.0), ("res", 0.5), ("mlp", 0.0)]]
+    def pair(strategy, kind, pos, z):
+        return PairOutcome(6, kind, strategy, 0.0, 0, pos, "6/res/1", "5/res/2", 0.9, 1.0, z,
+                           1 - z, z == 0)
+    ps = [pair("top1", k, pos, z) for k, pos, z in [("res", 1, 0.0), ("res", 2, 0.5),
+                                                    ("mlp", 1, 0.0)]]
     rows = {(s.layer, s.kind): s for s in summarize(ps)}
     assert rows[("6", "res")].n == 2 and rows[("6", "res")].success_rate == 0.5
     assert rows[("all", "all")].n == 3 and rows[("all", "all")].mean_change == pytest.approx(5 / 6)
+    assert math.isnan(rows[("all", "all")].oracle_success_rate)  # no oracle was run
+    ps += [pair("exhaustive", k, pos, 0.0) for k, pos in [("res", 1), ("res", 2), ("mlp", 1)]]
+    rows = {(s.strategy, s.layer, s.kind): s for s in summarize(ps)}
+    assert rows[("top1", "6", "res")].oracle_success_rate == 1.0
+    assert rows[("top1", "all", "all")].oracle_mean_change == 1.0
     with pytest.raises(ValueError, match="unknown strategies"):
         DeactivationConfig(strategies=("top2",))
     with pytest.raises(ValueError, match="layers must be >= 1"):

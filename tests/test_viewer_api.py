@@ -203,6 +203,9 @@ def test_graph_and_thresholds_follow_trace(client, setup):
     loose = get(client, "/api/graph/3/res/4?res_threshold=0.05&block_threshold=0.05")
     strict = get(client, "/api/graph/3/res/4?res_threshold=0.99&block_threshold=0.99")
     assert len(strict["nodes"]) == 1 <= len(g["nodes"]) <= len(loose["nodes"])
+    assert g["settings"]["truncated"] is False
+    capped = get(client, "/api/graph/3/res/4?res_threshold=0.05&block_threshold=0.05&max_nodes=3")
+    assert len(capped["nodes"]) == 3 and capped["settings"]["truncated"] is True
 
 
 def test_exports_in_every_format(client):
@@ -228,7 +231,8 @@ BAD = [("/api/features/9/res/1", 404), ("/api/features/2/res/96", 404),
        ("/api/features/2/res/99999999999999999999", 404),
        ("/api/graph/2/res/3?res_threshold=nan", 400), ("/api/graph/2/res/3?res_threshold=2", 400),
        ("/api/graph/2/res/3?block_threshold=x", 400), ("/api/graph/2/res/3?res_threshold=inf", 400),
-       ("/api/export/2/res/3?fmt=exe", 400), ("/api/export/2/res/3?fmt=../../etc/passwd", 400),
+       ("/api/export/2/res/3?fmt=exe", 400), ("/api/graph/2/res/3?max_nodes=0", 400),
+       ("/api/graph/2/res/3?max_nodes=5000", 400), ("/api/export/2/res/3?fmt=../../etc/passwd", 400),
        ("/api/search?limit=0", 400), ("/api/search?limit=100000", 400),
        ("/api/search?offset=-5", 400), ("/api/search?layer=x", 400),
        ("/api/search?lineage=bogus", 400), ("/api/search?kind=foo", 400),
@@ -473,3 +477,29 @@ def test_view_command_resolves_atlases(setup, tmp_path, capsys):
     assert main(["view", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
     assert main(["view", str(setup[0].root), "--port", "70000"]) == 2
+
+
+def test_contexts_command_end_to_end(setup, tmp_path, capsys):
+    """`saeflow contexts` on an atlas of a suite and a model saved to disk."""
+    from saeflow.atlas import compute_atlas
+    from saeflow.cli import main
+    from saeflow.contexts import Contexts
+    from saeflow.suite import load_suite
+    _, suite, lm, _ = setup
+    lm.model.save_pretrained(tmp_path / "model")
+    tok = byte_tokenizer()
+    tok.eos_token = "\u0100"  # byte 0: the corpus separates packed documents with EOS
+    tok.save_pretrained(tmp_path / "model")
+    small = type(suite).from_saes({s: suite[s] for s in ("1/res", "2/res", "2/mlp")})
+    small.save(tmp_path / "suite")
+    disk = load_suite(tmp_path / "suite", model=str(tmp_path / "model"))
+    atlas = compute_atlas(disk, tmp_path / "atlas", null_samples=64, labels=False, progress=False)
+    (tmp_path / "text.txt").write_text("\n\n".join(dict.fromkeys(TEXTS)))
+    assert main(["contexts", str(atlas.root), "--model", str(tmp_path / "model"),
+                 "--source", str(tmp_path / "text.txt"), "--tokens", "256", "--seq-len", "32",
+                 "--batch-size", "2", "--top", "3", "--sites", "2/res,2/mlp"]) == 0
+    ctx = Contexts.find(atlas.root)
+    assert ctx.complete and [str(s) for s in ctx.sites] == ["2/mlp", "2/res"]
+    assert ctx.info()["settings"]["top_k"] == 3 and "contexts for 2 sites" in capsys.readouterr().out
+    assert main(["contexts", str(atlas.root), "--model", str(tmp_path / "model"),
+                 "--sites", "9/res"]) == 2

@@ -119,7 +119,9 @@ def format_table(summary, layers) -> str:
         cols = [("all", "all")] + [(str(L), "all") for L in layers] + \
                [("all", k) for k in ("res", "mlp", "att")]
         names = ["all"] + [f"L{L}" for L in layers] + ["res", "mlp", "att"]
-        lines.append(f"r = {r:g}: success rate / mean activation change (pairs)")
+        names.append("oracle, same pairs")
+        lines.append(f"r = {r:g}: success rate / mean activation change (pairs); last column: "
+                     f"the exhaustive oracle on the same targets and kinds")
         lines.append(f"{'strategy':<20}" + "".join(f"{n:>20}" for n in names))
         for strat in LABELS:
             if not any(k[0] == strat and k[1] == r for k in cell):
@@ -129,6 +131,9 @@ def format_table(summary, layers) -> str:
                 c = cell.get((strat, r, *col))
                 parts.append(f"{c.success_rate:>6.0%} / {c.mean_change:5.2f} ({c.n})"
                              if c else "-")
+            c = cell[(strat, r, "all", "all")]
+            parts.append("-" if c.oracle_success_rate != c.oracle_success_rate else
+                         f"{c.oracle_success_rate:>6.0%} / {c.oracle_mean_change:5.2f}")
             lines.append(f"{LABELS[strat]:<20}" + "".join(f"{x:>20}" for x in parts))
         lines.append("")
     return "\n".join(lines)
@@ -145,25 +150,35 @@ def plot(summary, layers, out: Path) -> list[Path]:
     r0 = 0.0 if 0.0 in rs else rs[0]
     cell = {(s.strategy, s.r, s.layer, s.kind): s for s in summary}
     written = []
-    fig, ax = plt.subplots(figsize=(9, 4))
+    kinds = ["all"] + [k for k in ("res", "mlp", "att") if any(x.kind == k for x in summary)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds) + 1.6, 3.6), sharey=True,
+                             squeeze=False)
     w = 0.8 / max(len(strategies), 1)
-    for i, strat in enumerate(strategies):
-        ys = [getattr(cell.get((strat, r0, str(L), "all")), "success_rate", np.nan) for L in layers]
-        ax.bar(np.arange(len(layers)) + i * w, ys, w, label=LABELS[strat])
-    ax.set_xticks(np.arange(len(layers)) + w * (len(strategies) - 1) / 2)
-    ax.set_xticklabels([f"layer {L}" for L in layers])
-    ax.set_ylabel(f"success rate (r = {r0:g})")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    for ax, kind in zip(axes[0], kinds):
+        for i, strat in enumerate(strategies):
+            ys = [getattr(cell.get((strat, r0, str(L), kind)), "success_rate", np.nan)
+                  for L in layers]
+            ax.bar(np.arange(len(layers)) + i * w, ys, w, label=LABELS[strat])
+        ax.set_xticks(np.arange(len(layers)) + w * (len(strategies) - 1) / 2)
+        ax.set_xticklabels([f"L{L}" for L in layers])
+        ax.set_title("all kinds (pooled)" if kind == "all" else f"predecessor at {kind}",
+                     fontsize=9)
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel(f"success rate (r = {r0:g})")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     written.append(_save_fig(fig, out / "success_by_layer.png"))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for strat in strategies:
-        ax.plot(rs, [getattr(cell.get((strat, r, "all", "all")), "mean_change", np.nan)
-                     for r in rs], marker="o", label=LABELS[strat])
-    ax.set_xlabel("r (predecessor rescaled to r x its activation)")
-    ax.set_ylabel("mean activation change 1 - z_new/z_old")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds) + 1.6, 3.6), sharey=True,
+                             squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for strat in strategies:
+            ax.plot(rs, [getattr(cell.get((strat, r, "all", kind)), "mean_change", np.nan)
+                         for r in rs], marker="o", label=LABELS[strat])
+        ax.set_title("all kinds (pooled)" if kind == "all" else f"predecessor at {kind}",
+                     fontsize=9)
+        ax.set_xlabel("r (predecessor -> r x activation)")
+    axes[0][0].set_ylabel("mean activation change 1 - z_new/z_old")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     written.append(_save_fig(fig, out / "change_vs_r.png"))
     plt.close("all")

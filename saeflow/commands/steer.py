@@ -30,6 +30,9 @@ def add_plan_args(p) -> None:
                    help="flow graph: stop the residual chain below this cosine (0.5)")
     p.add_argument("--block-threshold", type=float, default=0.15,
                    help="flow graph: drop MLP/attention nodes below this cosine (0.15)")
+    p.add_argument("--children", action="store_true",
+                   help="flow graph: also follow every later feature whose top-1 predecessor is "
+                        "on the chain (off: one top-1 residual chain, as steering wants)")
     p.add_argument("--source", default="default",
                    help="corpus for theme retrieval and magnitudes (default, wiki, bbc, or a path)")
     p.add_argument("--examples", default=None,
@@ -106,6 +109,19 @@ def magnitude_texts(source: str, n: int = 32, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(texts, min(n, len(texts)))
 
 
+def trace_graph(args, atlas, seed):
+    """The flow graph of ``seed`` under the command's thresholds, with a hint when it is tiny."""
+    from saeflow.flow import trace
+    graph = trace(atlas, seed, res_threshold=args.res_threshold,
+                  block_threshold=args.block_threshold, children=args.children)
+    layers = graph.layers
+    print(f"flow graph of {seed}: {len(graph.nodes)} features over layers {layers[0]}..{layers[-1]}")
+    if len(layers) < 3:
+        print(f"  (few layers: matches below --res-threshold {args.res_threshold} end the chain; "
+              "suites trained on little text match weakly, see docs/steering.md)")
+    return graph
+
+
 def theme_seed(args, suite, lm, description: str, atlas=None):
     """The best feature for a theme, printed with its runners-up."""
     from saeflow.themes import build_theme, rank_features
@@ -139,12 +155,10 @@ def build_plan(args, suite, lm):
         from saeflow.sites import Feature
         feats = [Feature.parse(f) for f in args.feature]
     if graph is None and args.mode != "features":
-        from saeflow.flow import trace
         if len(feats) != 1:
             raise ValueError("a flow graph starts from one --feature; use --mode features to "
                              "steer several features directly")
-        graph = trace(open_atlas(args, suite, lm), feats[0], res_threshold=args.res_threshold,
-                      block_threshold=args.block_threshold)
+        graph = trace_graph(args, open_atlas(args, suite, lm), feats[0])
         feats = graph_features(graph)
     texts = magnitude_texts(args.source) if args.magnitude in ("res_norm", "activation") else None
     mags = (feature_magnitudes(lm, suite, feats, args.magnitude, texts)

@@ -158,15 +158,14 @@ def plot_overview(path: Path, comparison: dict) -> None:
 def setup_theme(args, suite, lm, atlas, description: str, embed):
     """Theme text, seed feature, flow graph, magnitudes and calibrated scorers for one theme."""
     from saeflow.evaluate import calibrate_coherence, calibrate_topic
-    from saeflow.flow import trace
     from saeflow.sites import Feature
     from saeflow.steer import feature_magnitudes, graph_features
     from saeflow.themes import build_theme, rank_features
-    from saeflow.commands.steer import read_examples
+    from saeflow.commands.steer import read_examples, trace_graph
     theme = build_theme(description, read_examples(args.examples), source=args.source, embed=embed)
     ranked = rank_features(lm, suite, theme, site=args.site, top=5, atlas=atlas)
     seed = Feature.parse(args.feature) if args.feature else ranked[0].feature
-    graph = trace(atlas, seed, res_threshold=args.res_threshold, block_threshold=args.block_threshold)
+    graph = trace_graph(args, atlas, seed)
     feats = graph_features(graph)
     mags = (feature_magnitudes(lm, suite, feats, args.magnitude, theme.background[:32])
             if args.action == "activate" else None)
@@ -203,11 +202,10 @@ def run(args) -> int:
     embed = sentence_embedder()
     all_rows, comparison = [], {}
     for description in args.theme:
+        print(f"\n== {description}")
         graph, mags, topic, coherence, layers, setup = setup_theme(args, suite, lm, atlas,
                                                                    description, embed)
-        print(f"\n== {description}: seed {setup['seed']} ({setup['seed_label']}), flow graph of "
-              f"{len(setup['graph_features'])} features over layers {setup['graph_layers']}; "
-              f"sweeping layers {layers}")
+        print(f"seed {setup['seed']} ({setup['seed_label']}); sweeping layers {layers}")
         cfg = SweepConfig(modes=tuple(args.modes.split(",")), layers=tuple(layers),
                           coefficients=_floats(args.coefficients, "coefficients"),
                           prompts=tuple(args.prompt or DEFAULT_PROMPTS),

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or "smollm2"
     parse_sites(args.sites, 10**6)  # syntax check before loading anything
     out = Path(args.out).expanduser() if args.out else _default_out(model, args.sites, cfg)
-    if is_complete(out):
+    reused = is_complete(out)
+    if reused:
         print(f"saeflow train: {out} already holds a trained suite (delete it or pick another "
               "--out to train again)")
     else:
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                        name=out.name, progress=not args.quiet)
     info = json.loads((out / "suite.json").read_text())
     rows = quality.rows_from_json(info.get("quality") or [])
-    if rows:
+    if rows and (reused or args.quiet):  # a fresh run printed its table already
         print(quality.format_table(rows) if not args.quiet else
               "\n".join(f"{k}: " + ", ".join(f"{m}={v:.3f}" for m, v in s.items())
                         for k, s in quality.summarize(rows).items()))

@@ -88,6 +88,11 @@ def thresholds(source: dict) -> tuple[float, float]:
             number(source, "block_threshold", 0.15, 0.0, 1.0))
 
 
+def max_nodes(source: dict) -> int:
+    from saeflow.viewer.data import MAX_GRAPH_NODES
+    return number(source, "max_nodes", MAX_GRAPH_NODES, 1, 1000, int)
+
+
 # ---- atlas routes -------------------------------------------------------------------------------
 @bp.get("/overview")
 def overview():
@@ -119,7 +124,7 @@ def feature(fid: str):
 def graph(fid: str):
     f = feature_id(fid)
     rt, bt = thresholds(request.args)
-    return jsonify(_view().graph_json(f, rt, bt))
+    return jsonify(_view().graph_json(f, rt, bt, max_nodes(request.args)))
 
 
 @bp.get("/export/<path:fid>")
@@ -128,7 +133,7 @@ def export(fid: str):
     rt, bt = thresholds(request.args)
     view = _view()
     fmt = choice(request.args, "fmt", "json", view.export_formats)
-    body, mimetype, filename = view.export(f, fmt, rt, bt)
+    body, mimetype, filename = view.export(f, fmt, rt, bt, max_nodes(request.args))
     return Response(body, mimetype=mimetype,
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 

@@ -24,6 +24,7 @@ import numpy as np
 from saeflow.sites import Feature, Site
 
 MAX_HITS = 20_000
+MAX_GRAPH_NODES = 300  # default cap of a traced graph in the viewer (the API allows 1..1000)
 MIME = {"json": ("application/json", "json"), "graphml": ("application/xml", "graphml"),
         "dot": ("text/vnd.graphviz", "dot"), "svg": ("image/svg+xml", "svg"),
         "png": ("image/png", "png"), "neuronpedia": ("application/json", "neuronpedia.json")}
@@ -68,6 +69,21 @@ class _Blob:
         return idx[first], (p - self.off[idx])[first]
 
 
+class _Hits:
+    """Text-search hits as columns (rank, offset, site, index), sliced into features lazily."""
+
+    def __init__(self, cols: np.ndarray, sites: list[Site]):
+        self.cols, self.sites = cols, sites
+
+    def __len__(self) -> int:
+        return self.cols.shape[1]
+
+    def __getitem__(self, window: slice) -> list[tuple[Feature, str]]:
+        rank, _, site, idx = self.cols[:, window].tolist()
+        return [(self.sites[s].feature(i), ("label", "contexts")[r])
+                for r, s, i in zip(rank, site, idx)]
+
+
 class AtlasView:
     def __init__(self, atlas, contexts=None):
         from saeflow.export import FORMATS
@@ -87,6 +103,8 @@ class AtlasView:
         self._indexer: threading.Thread | None = None
         self._lock = threading.Lock()
         self._graphs: OrderedDict = OrderedDict()
+        self._label_cache: dict[Feature, str] = {}
+        self._overview: dict | None = None
         self._searches: OrderedDict = OrderedDict()
         self._render_lock = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
@@ -107,7 +125,12 @@ class AtlasView:
         return self.classes[int(self.atlas.lineage_codes(f.layer)[f.index])]
 
     def label(self, f: Feature) -> str:
-        return self.atlas.label(f)
+        label = self._label_cache.get(f)
+        if label is None:
+            if len(self._label_cache) > 100_000:
+                self._label_cache.clear()
+            label = self._label_cache[f] = self.atlas.label(f)
+        return label
 
     # ---- overview ----------------------------------------------------------------------------
     def _suite_info(self) -> dict:
@@ -121,6 +144,12 @@ class AtlasView:
             return {}
 
     def overview(self, steering: dict | None = None) -> dict:
+        if self._overview is None:  # the atlas does not change while the viewer runs
+            self._overview = self._static_overview()
+        return {**self._overview, "contexts": self.contexts.info() if self.contexts else None,
+                "steering": steering or {}}
+
+    def _static_overview(self) -> dict:
         info = self.atlas.info
         suite = self._suite_info()
         quality = {}
@@ -151,8 +180,6 @@ class AtlasView:
             "training": {k: suite["training"].get(k) for k in
                          ("tokens_trained", "wall_seconds", "source") if k in suite["training"]}
             if isinstance(suite.get("training"), dict) else {},
-            "contexts": self.contexts.info() if self.contexts is not None else None,
-            "steering": steering or {},
             "export_formats": list(self.export_formats),
         }
 
@@ -274,25 +301,30 @@ class AtlasView:
             return [(s.feature(i), "index") for s in sites if i < self.widths[s]
                     and (lineage is None or self.lineage(s.feature(i)) == lineage)], False
         needle = q.lower().encode("utf-8")
-        ranked: dict[Feature, tuple] = {}
+        cols: list[np.ndarray] = []  # per (kind of hit, site): [4, n] rows rank, offset, site, index
         budget = MAX_HITS
-        for rank, (what, blobs) in enumerate((("label", self._labels_blob),
-                                              ("contexts", self._context_blobs.get))):
+        seen = {}  # site -> boolean [F]: already hit through its label
+        for rank, blobs in enumerate((self._labels_blob, self._context_blobs.get)):
             for si, s in enumerate(sites):
                 blob = blobs(s)
                 if blob is None or budget <= 0:
                     continue
                 idx, at = blob.find(needle, budget)
                 mask = self._lineage_mask(s, lineage)
-                for i, a in zip(idx.tolist(), at.tolist()):
-                    if mask is not None and not mask[i]:
-                        continue
-                    f = s.feature(i)
-                    if f not in ranked:
-                        ranked[f] = (rank, a, si, i, what)
-                        budget -= 1
-        order = sorted(ranked.items(), key=lambda kv: kv[1][:4])
-        return [(f, v[4]) for f, v in order], budget <= 0
+                keep = np.ones(len(idx), bool) if mask is None else mask[idx]
+                if rank == 1 and s in seen:
+                    keep &= ~seen[s][idx]
+                idx, at = idx[keep], at[keep]
+                if rank == 0:
+                    seen[s] = np.zeros(self.widths[s], bool)
+                    seen[s][idx] = True
+                budget -= len(idx)
+                cols.append(np.stack([np.full(len(idx), rank), at, np.full(len(idx), si), idx]))
+        if not cols:
+            return [], False
+        hits = np.concatenate(cols, axis=1)  # [4, n]
+        order = np.lexsort(hits[::-1])  # by rank, then offset, then site, then index
+        return _Hits(hits[:, order], sites), budget <= 0
 
     # ---- one feature ------------------------------------------------------------------------
     def feature(self, f: Feature, n_successors: int = 5, n_contexts: int = 8) -> dict:
@@ -330,21 +362,25 @@ class AtlasView:
                 "next": str(f.site.feature(f.index + 1)) if f.index + 1 < width else None}
 
     # ---- graphs -------------------------------------------------------------------------------
-    def graph(self, f: Feature, res_threshold: float = 0.5, block_threshold: float = 0.15):
+    def graph(self, f: Feature, res_threshold: float = 0.5, block_threshold: float = 0.15,
+              max_nodes: int = MAX_GRAPH_NODES):
+        """The traced flow graph (cached); it stops growing at ``max_nodes`` (then its
+        ``settings["truncated"]`` is true): larger graphs are slow to trace and unreadable."""
         from saeflow.flow import trace
-        key = (f, round(res_threshold, 4), round(block_threshold, 4))
+        key = (f, round(res_threshold, 4), round(block_threshold, 4), max_nodes)
         with self._lock:
             g = self._graphs.get(key)
         if g is None:
-            g = trace(self.atlas, f, res_threshold, block_threshold)
+            g = trace(self.atlas, f, res_threshold, block_threshold, max_nodes=max_nodes)
             with self._lock:
                 self._graphs[key] = g
                 while len(self._graphs) > 128:
                     self._graphs.popitem(last=False)
         return g
 
-    def graph_json(self, f: Feature, res_threshold: float, block_threshold: float) -> dict:
-        data = self.graph(f, res_threshold, block_threshold).to_json()
+    def graph_json(self, f: Feature, res_threshold: float, block_threshold: float,
+                   max_nodes: int = MAX_GRAPH_NODES) -> dict:
+        data = self.graph(f, res_threshold, block_threshold, max_nodes).to_json()
         for n in data["nodes"]:
             n["kind"] = Site.parse(n["site"]).kind
             n["score"] = _num(n["score"])
@@ -353,9 +389,10 @@ class AtlasView:
         data["formats"] = list(self.export_formats)
         return data
 
-    def export(self, f: Feature, fmt: str, res_threshold: float, block_threshold: float):
+    def export(self, f: Feature, fmt: str, res_threshold: float, block_threshold: float,
+               max_nodes: int = MAX_GRAPH_NODES):
         from saeflow.export import render
-        graph = self.graph(f, res_threshold, block_threshold)
+        graph = self.graph(f, res_threshold, block_threshold, max_nodes)
         with self._render_lock:
             body = render(graph, fmt)
         mime, ext = MIME[fmt]

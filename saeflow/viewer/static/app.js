@@ -31,6 +31,7 @@
     const bg = D.COLORS[lineage] || "#dddddd";
     return h("span", { class: "badge", style: `background:${bg};color:${D.textOn(bg)}` }, lineage.replace("_", " "));
   }
+  const oneLine = t => (t || "").replace(/\s*\n+\s*/g, " ↵ ");
   const featLink = (id, text) => h("a", { href: "#/feature/" + id, class: "mono" }, text || id);
   function params(q) { return new URLSearchParams(q || ""); }
   function setNav(name) {
@@ -99,7 +100,7 @@
       return h("div", { class: "scroll" }, h("table", {},
         h("thead", {}, h("tr", {}, h("th", {}, "site"), metrics.map(m => h("th", { class: "num" }, m)))),
         h("tbody", {}, entries.map(([s, v]) => h("tr", {}, h("td", { class: "mono" }, s),
-          metrics.map(m => h("td", { class: "num" }, typeof v[m] === "number" ? fmt(v[m]) : String(v[m] ?? "–"))))))));
+          metrics.map(m => h("td", { class: "num" }, typeof v[m] === "number" ? (Number.isInteger(v[m]) ? String(v[m]) : fmt(v[m])) : String(v[m] ?? "–"))))))));
     }
     return facts(entries.map(([k, v]) => [k, typeof v === "object" ? JSON.stringify(v) : String(v)]));
   }
@@ -183,7 +184,7 @@
     if (f.contexts == null) ctx.append(h("p", { class: "muted" }, "Not computed for this site: run saeflow contexts ATLAS."));
     else if (!f.contexts.length) ctx.append(h("p", { class: "muted" }, "The feature never fired on the corpus sample."));
     else ctx.append(h("ol", { class: "contexts", "data-testid": "contexts" }, f.contexts.map(c => h("li", {},
-      h("span", { class: "act" }, fmt(c.activation, 2)), c.before, h("mark", {}, c.token), c.after))));
+      h("span", { class: "act" }, fmt(c.activation, 2)), oneLine(c.before), h("mark", {}, oneLine(c.token)), oneLine(c.after)))));
     app.append(ctx);
   }
 
@@ -224,7 +225,8 @@
       history.replaceState(null, "", `#/graph/${id}?${qs}`);
       try {
         const g = await api(`graph/${enc(id)}?${qs}`);
-        info.textContent = `${g.nodes.length} nodes, ${g.edges.length} edges`;
+        info.textContent = `${g.nodes.length} nodes, ${g.edges.length} edges` +
+          (g.settings && g.settings.truncated ? ` (stopped at ${g.nodes.length} nodes: raise the thresholds)` : "");
         const redraw = () => D.drawFlow(box, g, {
           picked: state.picked,
           onClick: (n, ev) => {
