@@ -34,7 +34,10 @@ contribute nothing); random5 draws among all five, active or not, and counts onl
 drawn one is active; permutation is skipped for att_z sites (their decoders live in another
 basis) and for sites of another width; pearson has no answer for targets that never fire on
 the correlation texts; each pair counts once in "all kinds". ``max_pairs`` drops whole target
-occurrences at random so every strategy is compared on the same targets.
+occurrences at random so every strategy is compared on the same targets. The summary also gives,
+beside each strategy, what the exhaustive oracle reaches on the same (target, kind) pairs (its
+ceiling). Matches come from ``saeflow.match`` directly rather than from a stored atlas, which
+keeps only the top-1; only the targets that occur are matched, so this is cheap.
 """
 
 from __future__ import annotations
@@ -205,46 +208,35 @@ def _main(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-class _Blocks:
-    """Call decoder blocks ``first..last`` directly, with the extra arguments the model passes
-    them (captured from a one-row pass of the same length, once per length)."""
+class _Block:
+    """Call decoder block ``layer`` directly, with the extra arguments the model passes it
+    (captured from a one-row pass of the same length, once per length)."""
 
-    def __init__(self, lm, first: int, last: int):
-        self.lm, self.first, self.last = lm, first, last
-        self._kw: dict[int, dict] = {}
+    def __init__(self, lm, layer: int):
+        self.lm, self.layer = lm, layer
+        self._kw: dict[int, tuple] = {}
 
     def prepare(self, T: int) -> None:
         if T in self._kw:
             return
-        got = {}
 
-        def grab(i):
-            def pre(mod, args, kwargs):
-                got[i] = (args[1:], dict(kwargs))
-                if i == self.last:
-                    raise _Stop
-            return pre
+        def grab(mod, args, kwargs):
+            self._kw[T] = (args[1:], dict(kwargs))
+            raise _Stop
 
-        blocks = self.lm.blocks
-        handles = [blocks[i].register_forward_pre_hook(grab(i), with_kwargs=True)
-                   for i in range(self.first, self.last + 1)]
+        handle = self.lm.blocks[self.layer].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             self.lm.model(input_ids=torch.zeros(1, T, dtype=torch.long, device=self.lm.device),
                           use_cache=False)
         except _Stop:
             pass
         finally:
-            for h in handles:
-                h.remove()
-        self._kw[T] = got
+            handle.remove()
 
     def __call__(self, h_BTD: Tensor) -> Tensor:
         self.prepare(h_BTD.shape[1])
-        kw = self._kw[h_BTD.shape[1]]
-        for i in range(self.first, self.last + 1):
-            args, kwargs = kw[i]
-            h_BTD = _main(self.lm.blocks[i](h_BTD, *args, **kwargs))
-        return h_BTD
+        args, kwargs = self._kw[h_BTD.shape[1]]
+        return _main(self.lm.blocks[self.layer](h_BTD, *args, **kwargs))
 
 
 def _adder(b_idx: Tensor, t_idx: Tensor, delta_ND: Tensor):
@@ -290,7 +282,7 @@ def iter_edited_acts(lm, prev_hidden: Sequence[Tensor], edits: Sequence[Edit], l
                 or (e.site.layer == layer and e.site.kind in ("mlp", "att", "att_z"))):
             raise ValueError(f"edit at {e.site} cannot feed {layer}/res directly; edits must be "
                              f"at {layer - 1}/res or at {layer}/mlp, att or att_z")
-    run, dev, dt = _Blocks(lm, layer, layer), lm.device, lm.dtype
+    run, dev, dt = _Block(lm, layer), lm.device, lm.dtype
     att, att_z = Site(layer, "att"), Site(layer, "att_z")
     pre = sorted((i for i, e in enumerate(edits) if e.site.kind == "res"),
                  key=lambda i: (edits[i].position, edits[i].text))
@@ -313,7 +305,7 @@ def iter_edited_acts(lm, prev_hidden: Sequence[Tensor], edits: Sequence[Edit], l
             for b, e in enumerate(es):
                 h[b, :e.position + 1] = prev_hidden[e.text][:e.position + 1]
             t_idx = torch.tensor([e.position for e in es], device=dev)
-            h[torch.arange(len(es)), t_idx] += delta.to(dt)
+            h[torch.arange(len(es), device=dev), t_idx] += delta.to(dt)
             hooks = {}
         else:
             T, t_idx = 1, torch.zeros(len(es), dtype=torch.long, device=dev)
@@ -324,7 +316,7 @@ def iter_edited_acts(lm, prev_hidden: Sequence[Tensor], edits: Sequence[Edit], l
             hooks = ({att_z: _setter(at(att_z) + delta)} if kind == "att_z" else
                      {att: _setter(at(att) + delta)} if kind == "att" else
                      {att: _setter(at(att)), Site(layer, "mlp"): _adder(
-                         torch.arange(len(es)), t_idx, delta)})
+                         torch.arange(len(es), device=dev), t_idx, delta)})
         run.prepare(T)  # before the edit hooks exist: the capture pass must run clean
         with editing(lm, hooks):
             out = run(h)
@@ -406,7 +398,7 @@ def _fingerprint(cfg, layer, suite, ids, corr_ids) -> str:
 def _recompute_error(lm, prev: Sequence[Tensor], samples, rows_tgt: Tensor, layer: int) -> float:
     """Largest relative difference between R_layer recomputed from block ``layer``'s input
     and the model's own forward pass, over a few samples."""
-    run, worst = _Blocks(lm, layer, layer), 0.0
+    run, worst = _Block(lm, layer), 0.0
     for s, (text, t) in enumerate(samples[:8]):
         with torch.no_grad():
             x = run(prev[text][None, :t + 1])[0, t].float().cpu()
@@ -490,6 +482,9 @@ def _run_layer(lm, suite, layer, samples, prev, rows, corr, cfg, cap, progress):
     A_t = sae_t.encode(rows[tgt]).float().numpy()  # [S, Ft]
     occ = np.argwhere(A_t > 0)  # [n_occ, 2]: (sample, target) of every target occurrence
     present = np.unique(occ[:, 1])
+    if not len(present):
+        raise ValueError(f"deactivate: no feature of {tgt} is active at any sampled token; "
+                         f"check that the suite's SAEs fit the model")
     pos_of = {int(j): i for i, j in enumerate(present)}
     A_p = {k: suite[s].encode(rows[s]).float().numpy() for k, s in sites.items()}
     V_p = {k: suite[s].steering_vectors().float() for k, s in sites.items()}  # [F, width]

@@ -8,11 +8,14 @@ calibrated automatic measures, and can add a judge through any OpenAI-compatible
     snippets is 0 and the mean of the other half of the theme paragraphs is 1, clipped to [0, 1].
     Calibration snippets are cut to the generations' length (``snippet_words`` words), because
     short texts embed less sharply than whole paragraphs.
-  - coherence: mean per-token NLL of the continuation given its prompt under the *unsteered*
-    model, mapped linearly so corpus snippets (natural text) are 1 and the same snippets with
-    shuffled tokens (word salad) are 0, clipped to [0, 1]; then multiplied by (1 - repetition),
-    repetition being the share of repeated word trigrams (degenerate loops have a low NLL).
-    Continuations under 4 tokens score 0.
+  - coherence: two measures under the *unsteered* model, each mapped linearly so corpus snippets
+    (natural text) are 1 and the same snippets with shuffled tokens (word salad) are 0:
+    the continuation's mean per-token NLL given its prompt, and its *context gain*, the
+    context-free NLL (the model's next-token distribution after a document separator alone)
+    minus that NLL. NLL alone passes salad of frequent words ("have. team. are are have"),
+    gain alone passes salad of rare tokens; the worse of the two, clipped to [0, 1], is
+    multiplied by (1 - repetition), the share of repeated token trigrams (loops have a low
+    NLL and a high gain). Continuations under 4 tokens score 0.
   - score = topic x coherence (activate) or (1 - topic) x coherence (suppress).
 A sweep runs one cell per (mode, layer, coefficient) plus two baselines, "unsteered" and
 "prompting" (the theme asked for in the prompt, no steering), over fixed prompts and seeds. All
@@ -33,6 +36,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -84,10 +88,11 @@ def calibrate_topic(theme_texts: Sequence[str], background: Sequence[str], embed
 
 
 # ---- coherence ------------------------------------------------------------------------------------
-def repetition(text: str) -> float:
-    """Share of repeated word trigrams (0 for text without repeats, near 1 for loops)."""
-    w = text.lower().split()
-    grams = [tuple(w[i:i + 3]) for i in range(len(w) - 2)]
+def repetition(seq: str | Sequence) -> float:
+    """Share of repeated trigrams of ``seq`` (a text's words, or token ids): 0 for text without
+    repeats, near 1 for loops."""
+    items = seq.lower().split() if isinstance(seq, str) else list(seq)
+    grams = [tuple(items[i:i + 3]) for i in range(len(items) - 2)]
     return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
 
 
@@ -115,32 +120,57 @@ def continuation_nll(lm, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     return out
 
 
+@torch.no_grad()
+def context_free_logprobs(lm) -> Tensor:
+    """The model's next-token log-probabilities after a document separator alone, [vocab]: a
+    unigram model of the language as the model sees it."""
+    tok = lm.tokenizer
+    cands = (tok.get_vocab().get("<|endoftext|>"), getattr(tok, "eos_token_id", None),
+             getattr(tok, "bos_token_id", None), 0)
+    ids = torch.tensor([[int(next(c for c in cands if c is not None))]], device=lm.device)
+    return lm.model(input_ids=ids, use_cache=False).logits[0, -1].float().log_softmax(-1).cpu()
+
+
+class Coherence(NamedTuple):
+    coherence: list[float]
+    nll: list[float]  # nats/token under the unsteered model, given the prompt
+    gain: list[float]  # context-free NLL minus nll: how much the context explains the text
+    repetition: list[float]  # share of repeated token trigrams
+
+
 @dataclass
 class CoherenceScorer:
     lm: object
+    unigram_V: Tensor  # context_free_logprobs(lm)
     natural_nll: float
     shuffled_nll: float
+    natural_gain: float
+    shuffled_gain: float
 
-    def __call__(self, gens: Sequence[Generation]) -> tuple[list[float], list[float], list[float]]:
-        """(coherence, nll, repetition) of each generation."""
-        nll = continuation_nll(self.lm, [(g.prompt_ids, g.new_ids) for g in gens])
-        rep = [repetition(g.text) for g in gens]
-        span = self.shuffled_nll - self.natural_nll
+    def __call__(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Coherence:
+        """Scores of continuations given as ``(prompt_ids, new_ids)``."""
+        nll = continuation_nll(self.lm, pairs)
+        gain = [float(-self.unigram_V[list(n)].mean()) - x if n else float("nan")
+                for (_, n), x in zip(pairs, nll)]
+        rep = [repetition(n) for _, n in pairs]
         coh = []
-        for g, x, r in zip(gens, nll, rep):
-            if len(g.new_ids) < MIN_TOKENS or math.isnan(x):
+        for (_, n), x, g, r in zip(pairs, nll, gain, rep):
+            if len(n) < MIN_TOKENS or math.isnan(x):
                 coh.append(0.0)
-            else:
-                coh.append(min(1.0, max(0.0, (self.shuffled_nll - x) / span)) * (1.0 - r))
-        return coh, nll, rep
+                continue
+            by_nll = (self.shuffled_nll - x) / (self.shuffled_nll - self.natural_nll)
+            by_gain = (g - self.shuffled_gain) / (self.natural_gain - self.shuffled_gain)
+            coh.append(min(1.0, max(0.0, min(by_nll, by_gain))) * (1.0 - r))
+        return Coherence(coh, nll, gain, rep)
 
     def info(self) -> dict:
-        return {"natural_nll": self.natural_nll, "shuffled_nll": self.shuffled_nll}
+        return {"natural_nll": self.natural_nll, "shuffled_nll": self.shuffled_nll,
+                "natural_gain": self.natural_gain, "shuffled_gain": self.shuffled_gain}
 
 
 def calibrate_coherence(lm, texts: Sequence[str], n_tokens: int = 36, prompt_tokens: int = 2,
                         seed: int = 0) -> CoherenceScorer:
-    """NLL anchors from corpus snippets of ``n_tokens`` tokens and their token-shuffled copies."""
+    """NLL and gain anchors from corpus snippets of ``n_tokens`` tokens and token-shuffled copies."""
     rng = random.Random(seed)
     natural, shuffled = [], []
     for t in texts:
@@ -152,12 +182,18 @@ def calibrate_coherence(lm, texts: Sequence[str], n_tokens: int = 36, prompt_tok
         shuffled.append((p, rng.sample(n, len(n))))
     if len(natural) < 2:
         raise ValueError("coherence calibration needs at least 2 texts of a few tokens")
-    nat = sum(continuation_nll(lm, natural)) / len(natural)
-    shuf = sum(continuation_nll(lm, shuffled)) / len(shuffled)
-    if not shuf > nat + 0.1:
+    uni = context_free_logprobs(lm)
+
+    def anchors(pairs):
+        nll = continuation_nll(lm, pairs)
+        gain = [float(-uni[n].mean()) - x for (_, n), x in zip(pairs, nll)]
+        return sum(nll) / len(nll), sum(gain) / len(gain)
+    (nat, nat_g), (shuf, shuf_g) = anchors(natural), anchors(shuffled)
+    if not (shuf > nat + 0.1 and nat_g > shuf_g + 0.1):
         raise ValueError(f"shuffled text is not less likely than natural text under {lm.name} "
-                         f"(NLL {shuf:.2f} vs {nat:.2f}): coherence cannot be calibrated")
-    return CoherenceScorer(lm, nat, shuf)
+                         f"(NLL {shuf:.2f} vs {nat:.2f}, gain {shuf_g:.2f} vs {nat_g:.2f}): "
+                         "coherence cannot be calibrated")
+    return CoherenceScorer(lm, uni, nat, shuf, nat_g, shuf_g)
 
 
 # ---- optional judge -------------------------------------------------------------------------------
@@ -234,6 +270,7 @@ class CellResult:
     score: float
     score_se: float
     nll: float
+    gain: float
     repetition: float
     judge_topic: float | None
     judge_coherence: float | None
@@ -243,6 +280,9 @@ class CellResult:
 
     def row(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "generations"}
+
+
+SCORER_VERSION = 2  # bumped when scores change meaning; resuming older results needs --rescore
 
 
 def _mean_se(xs: Sequence[float]) -> tuple[float, float]:
@@ -263,22 +303,63 @@ def cells(cfg: SweepConfig) -> list[tuple[str, str, int, float]]:
     return out
 
 
+def score_records(recs: list[dict], topic: TopicScorer, coherence: CoherenceScorer,
+                  action: str = "activate", judge_fn=None) -> None:
+    """(Re)compute the scores of generation records in place; a judge only fills missing ones."""
+    for r in recs:
+        if "new_ids" not in r:  # results saved before ids were kept
+            enc = coherence.lm.tokenizer
+            r["prompt_ids"] = enc(r["prompt"], add_special_tokens=False)["input_ids"]
+            r["new_ids"] = enc(r["text"], add_special_tokens=False)["input_ids"]
+    co = coherence([(r["prompt_ids"], r["new_ids"]) for r in recs])
+    for r, t, c, x, g, rep in zip(recs, topic([r["text"] for r in recs]), *co):
+        if judge_fn is not None and r.get("judge_topic") is None:
+            r["judge_topic"], r["judge_coherence"] = judge_fn(r["text"])
+        r.update(topic=t, coherence=c, nll=x, gain=g, repetition=rep,
+                 score=(t if action == "activate" else 1 - t) * c,
+                 judge_topic=r.get("judge_topic"), judge_coherence=r.get("judge_coherence"))
+
+
+def _cell(theme, key, mode, layer, coef, n_features, recs, seconds, action) -> CellResult:
+    def col(k):
+        return [r[k] for r in recs]
+    jt, jc = col("judge_topic"), col("judge_coherence")
+    js = [None if a is None else (a if action == "activate" else 1 - a) * b for a, b in zip(jt, jc)]
+    judged = [None if all(x is None for x in xs) else _mean_se(xs)[0] for xs in (jt, jc, js)]
+    return CellResult(theme, key, mode, layer, coef, n_features, len(recs), *_mean_se(col("topic")),
+                      *_mean_se(col("coherence")), *_mean_se(col("score")), _mean_se(col("nll"))[0],
+                      _mean_se(col("gain"))[0], _mean_se(col("repetition"))[0], *judged, seconds,
+                      recs)
+
+
 def run_sweep(lm, suite, theme: str, graph, cfg: SweepConfig, out: Path, topic: TopicScorer,
               coherence: CoherenceScorer, magnitudes: dict | None = None, setup: dict | None = None,
-              judge_fn: Callable[[str], tuple[float, float]] | None = None) -> list[CellResult]:
-    """Run (or resume) every cell of ``cfg`` for one theme; results go to ``out`` (JSON)."""
+              judge_fn: Callable[[str], tuple[float, float]] | None = None,
+              rescore: bool = False) -> list[CellResult]:
+    """Run (or resume) every cell of ``cfg`` for one theme; results go to ``out`` (JSON).
+    ``rescore`` first recomputes the scores of the cells already saved (no generation)."""
     from tqdm.auto import tqdm
 
     from saeflow.suite import write_json_atomic
     cfg_json = json.loads(json.dumps(asdict(cfg)))
     setup = json.loads(json.dumps(setup or {}, default=str))
-    state = {"theme": theme, "config": cfg_json, "setup": setup, "cells": {}}
+    state = {"theme": theme, "config": cfg_json, "setup": setup, "scorer": SCORER_VERSION,
+             "cells": {}}
     if out.exists():
         old = json.loads(out.read_text())
         if old.get("config") != cfg_json or old.get("setup", {}).get("seed") != setup.get("seed"):
             raise ValueError(f"{out} holds a sweep with other settings; delete it or choose "
                              "another --out")
+        if old.get("scorer") != SCORER_VERSION and not rescore:
+            raise ValueError(f"{out} was scored by an older scorer; re-run with --rescore")
         state["cells"] = old.get("cells", {})
+        if rescore:
+            for key, c in tqdm(list(state["cells"].items()), desc=f"rescore {theme}", unit="cell"):
+                score_records(c["generations"], topic, coherence, cfg.action, judge_fn)
+                res = _cell(theme, key, c["mode"], c["layer"], c["coefficient"], c["n_features"],
+                            c["generations"], c["seconds"], cfg.action)
+                state["cells"][key] = {**res.row(), "generations": res.generations}
+            write_json_atomic(out, state)
     todo = [c for c in cells(cfg) if c[0] not in state["cells"]]
     for key, mode, layer, coef in tqdm(todo, desc=f"steer-eval {theme}", unit="cell"):
         t0 = time.perf_counter()
@@ -293,21 +374,11 @@ def run_sweep(lm, suite, theme: str, graph, cfg: SweepConfig, out: Path, topic: 
         for seed in cfg.seeds:
             gens += generate(lm, prompts, plan, cfg.max_new_tokens, suite=suite, samples=cfg.samples,
                              seed=seed, temperature=cfg.temperature, top_p=cfg.top_p)
-        tp = topic([g.text for g in gens])
-        coh, nll, rep = coherence(gens)
-        judged = [judge_fn(g.text) for g in gens] if judge_fn else [(None, None)] * len(gens)
-        sc = [(t if cfg.action == "activate" else 1 - t) * c for t, c in zip(tp, coh)]
-        recs = [{"prompt": g.prompt, "seed": g.seed, "text": g.text, "topic": t, "coherence": c,
-                 "score": s, "nll": x, "repetition": r, "judge_topic": j[0], "judge_coherence": j[1]}
-                for g, t, c, s, x, r, j in zip(gens, tp, coh, sc, nll, rep, judged)]
-        jt, jc = [j[0] for j in judged], [j[1] for j in judged]
-        js = [None if a is None else (a if cfg.action == "activate" else 1 - a) * b
-              for a, b in zip(jt, jc)]
-        res = CellResult(theme, key, mode, layer, coef, 0 if plan is None else len(plan.terms),
-                         len(gens), *_mean_se(tp), *_mean_se(coh), *_mean_se(sc),
-                         _mean_se(nll)[0], _mean_se(rep)[0],
-                         *(None if judge_fn is None else _mean_se(x)[0] for x in (jt, jc, js)),
-                         time.perf_counter() - t0, recs)
+        recs = [{"prompt": g.prompt, "seed": g.seed, "text": g.text,
+                 "prompt_ids": list(g.prompt_ids), "new_ids": list(g.new_ids)} for g in gens]
+        score_records(recs, topic, coherence, cfg.action, judge_fn)
+        res = _cell(theme, key, mode, layer, coef, 0 if plan is None else len(plan.terms), recs,
+                    time.perf_counter() - t0, cfg.action)
         state["cells"][key] = {**res.row(), "generations": recs}
         write_json_atomic(out, state)
     return load_results(out)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import saeflow.evaluate as ev
-from saeflow.evaluate import (CoherenceScorer, SweepConfig, calibrate_topic, cells, compare_modes,
-                              continuation_nll, judge, repetition, run_sweep)
+from saeflow.evaluate import (SCORER_VERSION, CoherenceScorer, SweepConfig, calibrate_topic, cells,
+                              compare_modes, context_free_logprobs, continuation_nll, judge,
+                              repetition, run_sweep)
 from saeflow.hooks import hook_count
 from saeflow.steer import Generation
 from test_steer import GRAPH, char_lm, tiny_suite
@@ -44,6 +45,7 @@ def toy_embed(texts):
 def test_repetition_known_values():
     assert repetition("the cat sat on the mat today") == 0.0
     assert math.isclose(repetition("a b c a b c a b c"), 1 - 3 / 7)
+    assert math.isclose(repetition([5, 6, 7, 5, 6, 7, 5, 6, 7]), 1 - 3 / 7)  # token ids
     assert repetition("wedding " * 20) > 0.9
     assert repetition("too short") == 0.0
 
@@ -74,21 +76,30 @@ def test_continuation_nll_is_exact_and_padding_free(lm):
         assert math.isclose(got, want, rel_tol=1e-4)
 
 
-def test_coherence_maps_anchors_and_penalises_loops_and_short_text(lm):
-    g_ok = Generation("I", " think so", 0, (73,), (32, 116, 104, 105, 110, 107, 32, 115, 111))
-    nll = continuation_nll(lm, [(g_ok.prompt_ids, g_ok.new_ids)])[0]
-    scorer = CoherenceScorer(lm, natural_nll=nll - 1.0, shuffled_nll=nll + 1.0)
-    assert math.isclose(scorer([g_ok])[0][0], 0.5, rel_tol=1e-4)
-    loop = Generation("I", "a b c a b c a b c", 0, (73,), g_ok.new_ids)
-    assert math.isclose(scorer([loop])[0][0], 0.5 * 3 / 7, rel_tol=1e-4)
-    short = Generation("I", " ok", 0, (73,), (32, 111, 107))
-    assert scorer([short])[0] == [0.0]
+def test_coherence_takes_the_worse_anchor_and_penalises_loops_and_short_text(lm):
+    uni = context_free_logprobs(lm)
+    assert uni.shape == (128,) and math.isclose(float(uni.exp().sum()), 1.0, rel_tol=1e-4)
+    ok = ((73,), (32, 116, 104, 105, 110, 107, 32, 115, 111))
+    nll = continuation_nll(lm, [ok])[0]
+    gain = float(-uni[list(ok[1])].mean()) - nll
+    scorer = CoherenceScorer(lm, uni, natural_nll=nll - 1.0, shuffled_nll=nll + 1.0,
+                             natural_gain=gain + 3.0, shuffled_gain=gain - 1.0)
+    res = scorer([ok])
+    assert math.isclose(res.nll[0], nll, rel_tol=1e-6) and math.isclose(res.gain[0], gain, rel_tol=1e-5)
+    assert math.isclose(res.coherence[0], 0.25, rel_tol=1e-4)  # gain: 1/4 of the way; nll: 1/2
+    scorer.natural_gain, scorer.shuffled_gain = gain - 1.0, gain - 3.0  # gain now above natural
+    assert math.isclose(scorer([ok]).coherence[0], 0.5, rel_tol=1e-4)  # the nll is the worse
+    loop = ((73,), (5, 6, 7, 5, 6, 7, 5, 6, 7))
+    res = scorer([loop])
+    assert res.repetition[0] == pytest.approx(1 - 3 / 7) and res.coherence[0] <= 3 / 7
+    assert scorer([((73,), (32, 111, 107))]).coherence == [0.0]  # under 4 tokens
 
 
 def test_sweep_runs_resumes_and_compares(lm, tmp_path, monkeypatch):
     suite = tiny_suite()
     topic = calibrate_topic(WEDDING, OTHER, toy_embed)
-    coherence = CoherenceScorer(lm, natural_nll=3.0, shuffled_nll=6.0)
+    coherence = CoherenceScorer(lm, context_free_logprobs(lm), natural_nll=3.0, shuffled_nll=6.0,
+                                natural_gain=3.0, shuffled_gain=0.0)
     cfg = SweepConfig(modes=("single", "cumulative"), layers=(1, 2), coefficients=(0.5, 4.0),
                       prompts=("I think", "The"), seeds=(0, 1), samples=1, max_new_tokens=6)
     assert len(cells(cfg)) == 2 + 2 * 2 * 2
@@ -103,10 +114,24 @@ def test_sweep_runs_resumes_and_compares(lm, tmp_path, monkeypatch):
     assert n_cum["single/1/0.5"] == 2 and n_cum["cumulative/2/0.5"] == 5
     for r in res:
         assert math.isclose(r.score, sum(g["score"] for g in r.generations) / 4, rel_tol=1e-6)
+    assert res[2].generations[0]["new_ids"] and json.loads(out.read_text())["scorer"] == SCORER_VERSION
     monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("resume re-ran a cell"))
     again = run_sweep(lm, suite, "weddings", GRAPH, cfg, out, topic, coherence,
                       setup={"seed": str(GRAPH.seed)})
     assert [r.row() for r in again] == [r.row() for r in res]
+    strict = CoherenceScorer(lm, coherence.unigram_V, natural_nll=0.0, shuffled_nll=0.5,
+                             natural_gain=3.0, shuffled_gain=0.0)  # everything is salad now
+    rescored = run_sweep(lm, suite, "weddings", GRAPH, cfg, out, topic, strict,
+                         setup={"seed": str(GRAPH.seed)}, rescore=True)
+    assert all(r.coherence == 0.0 and r.score == 0.0 for r in rescored)
+    assert [g["text"] for r in rescored for g in r.generations] == \
+        [g["text"] for r in res for g in r.generations]
+    data = json.loads(out.read_text())
+    data["scorer"] = SCORER_VERSION - 1
+    out.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="older scorer.*--rescore"):
+        run_sweep(lm, suite, "weddings", GRAPH, cfg, out, topic, coherence,
+                  setup={"seed": str(GRAPH.seed)})
     with pytest.raises(ValueError, match="other settings"):
         run_sweep(lm, suite, "weddings", GRAPH, SweepConfig(layers=(3,)), out, topic, coherence,
                   setup={"seed": str(GRAPH.seed)})
@@ -169,5 +194,5 @@ def test_real_embedder_and_model_scores_are_sane():
     words = prose.text.split()
     salad_ids = lm.tokenizer(" ".join(reversed(words)), add_special_tokens=False)["input_ids"]
     salad = Generation("I think", " ".join(reversed(words)), 0, prose.prompt_ids, tuple(salad_ids))
-    c = coherence([prose, salad])[0]
+    c = coherence([(g.prompt_ids, g.new_ids) for g in (prose, salad)]).coherence
     assert c[0] > c[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -204,7 +205,10 @@ def save_result(result, out: Path, plots: bool = True) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "summary.csv", to_csv(result.summary, SummaryRow._fields))
     write_text_atomic(out / "pairs.csv", to_csv(result.pairs, PairOutcome._fields))
-    write_json_atomic(out / "summary.json", {"summary": [r._asdict() for r in result.summary],
+    def clean(row):  # NaN (no oracle run) is not valid JSON: write null
+        return {k: None if isinstance(v, float) and math.isnan(v) else v
+                for k, v in row._asdict().items()}
+    write_json_atomic(out / "summary.json", {"summary": [clean(r) for r in result.summary],
                                              "info": result.info})
     paths = [out / "summary.csv", out / "pairs.csv", out / "summary.json"]
     if plots and result.summary:

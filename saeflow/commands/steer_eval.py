@@ -47,6 +47,9 @@ def add(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=0.7)
     p.add_argument("--baseline-prompt", default="Write about {theme}.\n\n{prompt}",
                    help="prompting baseline template with {theme} and {prompt}")
+    p.add_argument("--rescore", action="store_true",
+                   help="recompute the scores of saved generations (after a scorer change) "
+                        "before resuming")
     p.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible endpoint for an optional LLM judge (API key from "
                         "$SAEFLOW_JUDGE_API_KEY if set)")
@@ -221,7 +224,7 @@ def run(args) -> int:
             judge_fn = lambda text, d=description: judge(args.judge_url, args.judge_model, d, text, key)  # noqa: E731
         folder = out / slug(description)
         results = run_sweep(lm, suite, description, graph, cfg, folder / "results.json", topic,
-                            coherence, mags, setup, judge_fn)
+                            coherence, mags, setup, judge_fn, rescore=args.rescore)
         unit = {"res_norm": " (fraction of residual norm)", "activation": " (x typical activation)",
                 "theta": " (x threshold)", "none": " (x decoder row)"}[args.magnitude]
         plot_theme(folder / "scores.png", description, results,
@@ -240,11 +243,11 @@ def run(args) -> int:
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'theme':<12} {'cell':<22} {'n':>3} {'topic':>6} {'coher':>6} {'score':>6} "
-          f"{'+-':>5} {'nll':>5} {'rep':>5}")
+          f"{'+-':>5} {'nll':>5} {'gain':>5} {'rep':>5}")
     for r in rows:
         print(f"{r['theme'][:12]:<12} {r['cell']:<22} {r['n']:>3} {r['topic']:6.3f} "
               f"{r['coherence']:6.3f} {r['score']:6.3f} {r['score_se']:5.3f} {r['nll']:5.2f} "
-              f"{r['repetition']:5.2f}")
+              f"{r['gain']:5.2f} {r['repetition']:5.2f}")
 
 
 def print_comparison(comparison: dict) -> None:
