@@ -113,7 +113,8 @@ def _draw(graph: FlowGraph, fmt: str) -> str | bytes:
         ax.scatter([x], [y], s=260 if seed else 150, color=_node_color(n), zorder=2,
                    marker="o" if n.feature.kind == "res" else "s",
                    edgecolors="black" if seed else "white", linewidths=1.8 if seed else 0.8)
-        text = str(n.feature.index) + (f"\n{n.label[:18]}" if n.label else "")
+        label = "".join(ch if ch.isprintable() else "\ufffd" for ch in n.label[:18])
+        text = str(n.feature.index) + (f"\n{label}" if label else "")
         ax.annotate(text, (x, y), xytext=(0, -13), textcoords="offset points", ha="center",
                     va="top", fontsize=6.5, zorder=3)
     shown = [c for c in COLORS if any(n.lineage == c for n in graph.nodes)]

@@ -120,8 +120,11 @@ def plot_theme(path: Path, theme: str, results, xlabel: str = "coefficient") -> 
             for key, style in (("none", ("grey", "--", "unsteered")), ("prompt", ("green", ":", "prompting"))):
                 if key in base:
                     ax.axhline(getattr(base[key], m), color=style[0], ls=style[1], label=style[2])
-            if len({r.coefficient for r in results if r.layer >= 0}) > 1:
+            coefs = sorted({r.coefficient for r in results if r.layer >= 0})
+            if len(coefs) > 1 and coefs[0] > 0:
                 ax.set_xscale("log")
+                ax.set_xticks(coefs, [f"{c:g}" for c in coefs])
+                ax.minorticks_off()
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
             if j == 0:
