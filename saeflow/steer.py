@@ -279,7 +279,7 @@ def site_edits(plan: SteeringPlan, lm, suite) -> dict[Site, object]:
             bad = next(f for f, _ in terms if f.index >= sae.d_sae)
             raise ValueError(f"feature {bad} is out of range: the SAE at {site} has {sae.d_sae} "
                              "features")
-        V_nD = sae.steering_vectors()[idx].float()
+        V_nD = sae.W_dec[idx].float() * sae.output_scale  # = steering_vectors()[idx], n rows only
         if plan.action == "activate":
             w_n = torch.tensor([c * plan.magnitude(f) for f, c in terms])
             edits[site] = _adder((w_n @ V_nD).to(device=lm.device, dtype=lm.dtype))
