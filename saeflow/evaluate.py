@@ -46,7 +46,7 @@ from saeflow.steer import ACTIONS, MODES, Generation, generate, plan_from_graph
 MIN_TOKENS = 4
 
 
-# ---- topic ----------------------------------------------------------------------------------------
+# ---- topic --------------------------------------------------------------------------------------
 def snippet(text: str, words: int) -> str:
     return " ".join(text.split()[:words])
 
@@ -87,7 +87,7 @@ def calibrate_topic(theme_texts: Sequence[str], background: Sequence[str], embed
     return TopicScorer(embed, c, mu_b, mu_t)
 
 
-# ---- coherence ------------------------------------------------------------------------------------
+# ---- coherence ----------------------------------------------------------------------------------
 def repetition(seq: str | Sequence) -> float:
     """Share of repeated trigrams of ``seq`` (a text's words, or token ids): 0 for text without
     repeats, near 1 for loops."""
@@ -170,7 +170,7 @@ class CoherenceScorer:
 
 def calibrate_coherence(lm, texts: Sequence[str], n_tokens: int = 36, prompt_tokens: int = 2,
                         seed: int = 0) -> CoherenceScorer:
-    """NLL and gain anchors from corpus snippets of ``n_tokens`` tokens and token-shuffled copies."""
+    """NLL and gain anchors: corpus snippets of ``n_tokens`` tokens and token-shuffled copies."""
     rng = random.Random(seed)
     natural, shuffled = [], []
     for t in texts:
@@ -196,7 +196,7 @@ def calibrate_coherence(lm, texts: Sequence[str], n_tokens: int = 36, prompt_tok
     return CoherenceScorer(lm, uni, nat, shuf, nat_g, shuf_g)
 
 
-# ---- optional judge -------------------------------------------------------------------------------
+# ---- optional judge -----------------------------------------------------------------------------
 JUDGE_PROMPT = ("Rate the text below on two scales from 0 to 5.\n"
                 "topic: how much the text is about {theme} (0 = not at all, 5 = entirely).\n"
                 "coherence: how fluent and coherent the text is (0 = gibberish, 5 = perfect).\n"
@@ -223,10 +223,11 @@ def judge(url: str, model: str, theme: str, text: str, api_key: str | None = Non
         return (min(5.0, max(0.0, float(d["topic"]))) / 5,
                 min(5.0, max(0.0, float(d["coherence"]))) / 5)
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"judge {model} at {endpoint} gave no topic/coherence JSON: {reply[:200]!r}")
+        raise ValueError(f"judge {model} at {endpoint} gave no topic/coherence JSON: "
+                         f"{reply[:200]!r}") from None
 
 
-# ---- sweeps ---------------------------------------------------------------------------------------
+# ---- sweeps -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SweepConfig:
     modes: tuple[str, ...] = MODES
@@ -306,11 +307,6 @@ def cells(cfg: SweepConfig) -> list[tuple[str, str, int, float]]:
 def score_records(recs: list[dict], topic: TopicScorer, coherence: CoherenceScorer,
                   action: str = "activate", judge_fn=None) -> None:
     """(Re)compute the scores of generation records in place; a judge only fills missing ones."""
-    for r in recs:
-        if "new_ids" not in r:  # results saved before ids were kept
-            enc = coherence.lm.tokenizer
-            r["prompt_ids"] = enc(r["prompt"], add_special_tokens=False)["input_ids"]
-            r["new_ids"] = enc(r["text"], add_special_tokens=False)["input_ids"]
     co = coherence([(r["prompt_ids"], r["new_ids"]) for r in recs])
     for r, t, c, x, g, rep in zip(recs, topic([r["text"] for r in recs]), *co):
         if judge_fn is not None and r.get("judge_topic") is None:
@@ -372,8 +368,9 @@ def run_sweep(lm, suite, theme: str, graph, cfg: SweepConfig, out: Path, topic: 
                                    magnitudes=magnitudes)
         gens: list[Generation] = []
         for seed in cfg.seeds:
-            gens += generate(lm, prompts, plan, cfg.max_new_tokens, suite=suite, samples=cfg.samples,
-                             seed=seed, temperature=cfg.temperature, top_p=cfg.top_p)
+            gens += generate(lm, prompts, plan, cfg.max_new_tokens, suite=suite,
+                             samples=cfg.samples, seed=seed, temperature=cfg.temperature,
+                             top_p=cfg.top_p)
         recs = [{"prompt": g.prompt, "seed": g.seed, "text": g.text,
                  "prompt_ids": list(g.prompt_ids), "new_ids": list(g.new_ids)} for g in gens]
         score_records(recs, topic, coherence, cfg.action, judge_fn)

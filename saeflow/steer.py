@@ -60,8 +60,9 @@ PLAN_FORMAT = "saeflow.steering_plan/1"
 
 
 # ---- schedules (pure) ---------------------------------------------------------------------------
-def schedule_coefficients(layers: Sequence[int], schedule: str = "constant", coefficient: float = 1.0,
-                          alpha: float = -0.05, end_coefficient: float | None = None) -> list[float]:
+def schedule_coefficients(layers: Sequence[int], schedule: str = "constant",
+                          coefficient: float = 1.0, alpha: float = -0.05,
+                          end_coefficient: float | None = None) -> list[float]:
     """The coefficient of each layer in ``layers`` under a schedule (see the module docstring)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
@@ -90,7 +91,8 @@ class SteeringPlan:
 
     def __post_init__(self):
         if self.action not in ACTIONS:
-            raise ValueError(f"unknown steering action {self.action!r}; known: {', '.join(ACTIONS)}")
+            raise ValueError(f"unknown steering action {self.action!r}; "
+                             f"known: {', '.join(ACTIONS)}")
         terms = []
         for item in self.terms:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -99,6 +101,8 @@ class SteeringPlan:
             if not math.isfinite(coef):
                 raise ValueError(f"steering coefficient of {feat} is not finite: {coef}")
             terms.append((feat, coef))
+        if not terms:
+            raise ValueError("a steering plan needs at least one (feature, coefficient) term")
         self.terms = terms
         mags = {Feature.parse(f): float(m) for f, m in self.magnitudes.items()}
         for f, m in mags.items():
@@ -120,11 +124,6 @@ class SteeringPlan:
 
     def magnitude(self, feature: Feature) -> float:
         return self.magnitudes.get(feature, 1.0)
-
-    def scaled(self, factor: float) -> SteeringPlan:
-        """The same plan with every coefficient multiplied by ``factor``."""
-        return SteeringPlan([(f, c * factor) for f, c in self.terms], self.action,
-                            dict(self.magnitudes), {**self.info, "scaled_by": factor})
 
     @contextmanager
     def apply(self, lm, suite):
@@ -174,8 +173,6 @@ def plan_from_features(features: Iterable[Feature | str], coefficient: float = 1
                        magnitudes: Mapping[Feature, float] | None = None) -> SteeringPlan:
     """Steer the given features with one coefficient (no flow graph)."""
     feats = [Feature.parse(f) for f in features]
-    if not feats:
-        raise ValueError("a steering plan needs at least one feature")
     return SteeringPlan([(f, coefficient) for f in feats], action, dict(magnitudes or {}),
                         {"mode": "features", "coefficient": coefficient})
 
@@ -210,7 +207,8 @@ def plan_from_graph(graph, mode: str = "cumulative", layer: int | None = None,
 
 
 def feature_magnitudes(lm, suite, features: Iterable[Feature], how: str = "res_norm",
-                       texts: Sequence[str] | None = None, max_tokens: int = 64) -> dict[Feature, float]:
+                       texts: Sequence[str] | None = None,
+                       max_tokens: int = 64) -> dict[Feature, float]:
     """Per-feature multipliers of the raw steering vector (see the module docstring)."""
     if how not in MAGNITUDES:
         raise ValueError(f"unknown magnitude {how!r}; known: {', '.join(MAGNITUDES)}")
@@ -347,7 +345,8 @@ def generate(lm, prompt: str | Sequence[str], plan: SteeringPlan | None = None,
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or samples < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError("generate needs prompts, samples >= 1, max_new_tokens >= 1, batch_size >= 1")
+        raise ValueError("generate needs prompts, samples >= 1, max_new_tokens >= 1 and "
+                         "batch_size >= 1")
     if plan is not None and suite is None:
         raise ValueError("steering needs the suite whose SAEs the plan's features belong to")
     tok = lm.tokenizer

@@ -231,8 +231,9 @@ def rank_features(lm, suite, theme: Theme, site: Site | str | None = None, top: 
         f = site.feature(j)
         i_best = int(peak[:nt, j].argmax())
         token = lm.tokenizer.decode([int(where[i_best, j])]) if peak[i_best, j] > 0 else ""
+        fires = peak[:, j] > 0
         out.append(ThemeFeature(f, float(score[j]), float(peak[:nt, j].mean()),
-                                float(peak[nt:, j].mean()), float((peak[:nt, j] > 0).float().mean()),
-                                float((peak[nt:, j] > 0).float().mean()), token,
+                                float(peak[nt:, j].mean()), float(fires[:nt].float().mean()),
+                                float(fires[nt:].float().mean()), token,
                                 feature_label(lm, suite, f, atlas)))
     return out

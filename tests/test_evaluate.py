@@ -85,7 +85,8 @@ def test_coherence_takes_the_worse_anchor_and_penalises_loops_and_short_text(lm)
     scorer = CoherenceScorer(lm, uni, natural_nll=nll - 1.0, shuffled_nll=nll + 1.0,
                              natural_gain=gain + 3.0, shuffled_gain=gain - 1.0)
     res = scorer([ok])
-    assert math.isclose(res.nll[0], nll, rel_tol=1e-6) and math.isclose(res.gain[0], gain, rel_tol=1e-5)
+    assert math.isclose(res.nll[0], nll, rel_tol=1e-6)
+    assert math.isclose(res.gain[0], gain, rel_tol=1e-5)
     assert math.isclose(res.coherence[0], 0.25, rel_tol=1e-4)  # gain: 1/4 of the way; nll: 1/2
     scorer.natural_gain, scorer.shuffled_gain = gain - 1.0, gain - 3.0  # gain now above natural
     assert math.isclose(scorer([ok]).coherence[0], 0.5, rel_tol=1e-4)  # the nll is the worse
@@ -114,7 +115,8 @@ def test_sweep_runs_resumes_and_compares(lm, tmp_path, monkeypatch):
     assert n_cum["single/1/0.5"] == 2 and n_cum["cumulative/2/0.5"] == 5
     for r in res:
         assert math.isclose(r.score, sum(g["score"] for g in r.generations) / 4, rel_tol=1e-6)
-    assert res[2].generations[0]["new_ids"] and json.loads(out.read_text())["scorer"] == SCORER_VERSION
+    assert res[2].generations[0]["new_ids"]
+    assert json.loads(out.read_text())["scorer"] == SCORER_VERSION
     monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("resume re-ran a cell"))
     again = run_sweep(lm, suite, "weddings", GRAPH, cfg, out, topic, coherence,
                       setup={"seed": str(GRAPH.seed)})

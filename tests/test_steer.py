@@ -270,6 +270,8 @@ def test_plan_json_round_trip(tmp_path):
         SteeringPlan.load(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="unknown steering action"):
         SteeringPlan([("1/res/2", 1.0)], action="amplify")
+    with pytest.raises(ValueError, match="at least one"):
+        SteeringPlan.from_json({"terms": []})
 
 
 def test_res_norm_magnitude_matches_the_residual_norm(lm, suite):
@@ -310,7 +312,8 @@ def test_cli_steer_features_and_plan_file(lm, tmp_path, capsys):
                         str(plan_path)]) == 0
     out = capsys.readouterr().out
     assert "plan: activate 2 features at 2 sites" in out and "unsteered" in out
-    assert {t["feature"] for t in json.loads(plan_path.read_text())["terms"]} == {"1/res/3", "2/mlp/4"}
+    terms = json.loads(plan_path.read_text())["terms"]
+    assert {t["feature"] for t in terms} == {"1/res/3", "2/mlp/4"}
     assert main(args + ["--plan", str(plan_path)]) == 0
     assert out.split("prompt:")[1] == capsys.readouterr().out.split("prompt:")[1]  # same seed
     assert main(args + ["--plan", str(tmp_path / "nope.json")]) == 2

@@ -22,8 +22,12 @@ def lm():
 
 
 def test_contrast_scores_known_order():
-    theme = torch.tensor([[2.0, 0.0, 1.0, 0.0, 0.5], [2.2, 0.1, 1.0, 3.0, 1.5], [1.8, 0.0, 1.0, 0.0, 1.0]])
-    bg = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0], [0.1, 1.2, 1.0, 0.0, 0.0], [0.0, 0.8, 1.0, 0.0, 0.0]])
+    theme = torch.tensor([[2.0, 0.0, 1.0, 0.0, 0.5],
+                          [2.2, 0.1, 1.0, 3.0, 1.5],
+                          [1.8, 0.0, 1.0, 0.0, 1.0]])
+    bg = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0],
+                       [0.1, 1.2, 1.0, 0.0, 0.0],
+                       [0.0, 0.8, 1.0, 0.0, 0.0]])
     s = contrast_scores(theme, bg)
     assert s.argmax() == 0 and s[1] < 0 and s[2] == 0
     assert s[4] > s[3]  # steady on every theme text beats one burst on a single text

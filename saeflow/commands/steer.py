@@ -17,15 +17,16 @@ def add_plan_args(p) -> None:
     p.add_argument("--end-coefficient", type=float, default=None, help="linear schedule end value")
     p.add_argument("--action", default="activate", choices=["activate", "suppress"],
                    help="activate: add s*v; suppress: h + (r-1)*a*v with r the coefficient")
-    p.add_argument("--magnitude", default="res_norm", choices=["res_norm", "activation", "theta", "none"],
+    p.add_argument("--magnitude", default="res_norm",
+                   choices=["res_norm", "activation", "theta", "none"],
                    help="per-feature scale of v: res_norm (default; s is a fraction of the layer's "
                         "typical residual norm), activation (typical firing level), theta "
                         "(JumpReLU threshold), none (raw decoder row)")
     p.add_argument("--site", default=None,
                    help="site where --theme looks for features (default: middle residual site)")
     p.add_argument("--atlas", default=None,
-                   help="atlas folder for flow graphs and labels (default: the suite's cached atlas, "
-                        "computed if missing)")
+                   help="atlas folder for flow graphs and labels (default: the suite's cached "
+                        "atlas, computed if missing)")
     p.add_argument("--res-threshold", type=float, default=0.5,
                    help="flow graph: stop the residual chain below this cosine (0.5)")
     p.add_argument("--block-threshold", type=float, default=0.15,
@@ -47,7 +48,8 @@ def add(subparsers) -> None:
                     "A plan comes from --plan, from a flow graph (--graph, or traced from "
                     "--feature/--theme in the atlas) in --mode single or cumulative, or from the "
                     "listed features alone (--mode features).")
-    p.add_argument("suite", metavar="SUITE", help="suite folder or spec file, 'starter', or a preset")
+    p.add_argument("suite", metavar="SUITE",
+                   help="suite folder or spec file, 'starter', or a preset")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--feature", action="append", help="seed feature such as 12/res/4111 "
@@ -115,7 +117,8 @@ def trace_graph(args, atlas, seed):
     graph = trace(atlas, seed, res_threshold=args.res_threshold,
                   block_threshold=args.block_threshold, children=args.children)
     layers = graph.layers
-    print(f"flow graph of {seed}: {len(graph.nodes)} features over layers {layers[0]}..{layers[-1]}")
+    print(f"flow graph of {seed}: {len(graph.nodes)} features over layers "
+          f"{layers[0]}..{layers[-1]}")
     if len(layers) < 3:
         print(f"  (few layers: matches below --res-threshold {args.res_threshold} end the chain; "
               "suites trained on little text match weakly, see docs/steering.md)")
@@ -136,8 +139,8 @@ def theme_seed(args, suite, lm, description: str, atlas=None):
 
 def build_plan(args, suite, lm):
     """The plan the arguments describe (see the command's description)."""
-    from saeflow.steer import SteeringPlan, feature_magnitudes, graph_features, plan_from_features, \
-        plan_from_graph
+    from saeflow.steer import (SteeringPlan, feature_magnitudes, graph_features,
+                               plan_from_features, plan_from_graph)
     if args.plan:
         return SteeringPlan.load(args.plan)
     graph = None

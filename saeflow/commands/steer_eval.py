@@ -26,7 +26,8 @@ def add(subparsers) -> None:
                     "topic (calibrated embedding similarity), coherence (calibrated perplexity "
                     "under the unsteered model, times a repetition penalty), score = topic x "
                     "coherence. Results are saved after every cell; re-run to resume.")
-    p.add_argument("suite", metavar="SUITE", help="suite folder or spec file, 'starter', or a preset")
+    p.add_argument("suite", metavar="SUITE",
+                   help="suite folder or spec file, 'starter', or a preset")
     p.add_argument("--theme", action="append", required=True, help="a theme (repeatable)")
     p.add_argument("--feature", default=None,
                    help="seed feature to use instead of the theme's top feature (one theme only)")
@@ -84,6 +85,9 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs are for sharing
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -117,9 +121,10 @@ def plot_theme(path: Path, theme: str, results, xlabel: str = "coefficient") -> 
                                     capsize=2, label=f"layer {layer}")
         for i, m in enumerate(metrics):
             ax = axes[i][j]
-            for key, style in (("none", ("grey", "--", "unsteered")), ("prompt", ("green", ":", "prompting"))):
+            for key, color, ls, name in (("none", "grey", "--", "unsteered"),
+                                         ("prompt", "green", ":", "prompting")):
                 if key in base:
-                    ax.axhline(getattr(base[key], m), color=style[0], ls=style[1], label=style[2])
+                    ax.axhline(getattr(base[key], m), color=color, ls=ls, label=name)
             coefs = sorted({r.coefficient for r in results if r.layer >= 0})
             if len(coefs) > 1 and coefs[0] > 0:
                 ax.set_xscale("log")
@@ -161,6 +166,15 @@ def plot_overview(path: Path, comparison: dict) -> None:
     plt.close(fig)
 
 
+def make_judge(args, theme: str):
+    """``text -> (topic, coherence)`` through the configured endpoint, or None."""
+    if not args.judge_url:
+        return None
+    from saeflow.evaluate import judge
+    key = os.environ.get("SAEFLOW_JUDGE_API_KEY")
+    return lambda text: judge(args.judge_url, args.judge_model, theme, text, key)
+
+
 def setup_theme(args, suite, lm, atlas, description: str, embed):
     """Theme text, seed feature, flow graph, magnitudes and calibrated scorers for one theme."""
     from saeflow.evaluate import calibrate_coherence, calibrate_topic
@@ -177,7 +191,8 @@ def setup_theme(args, suite, lm, atlas, description: str, embed):
             if args.action == "activate" else None)
     topic = calibrate_topic(theme.texts, theme.background, embed)
     coherence = calibrate_coherence(lm, theme.background[:48], args.max_new_tokens)
-    layers = auto_layers(graph) if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
+    layers = (auto_layers(graph) if args.layers == "auto"
+              else [int(x) for x in args.layers.split(",")])
     have = sorted({f.layer for f in feats})
     if any(layer not in have for layer in layers):
         raise ValueError(f"--layers {args.layers}: the flow graph of {seed} ({description}) has "
@@ -185,17 +200,16 @@ def setup_theme(args, suite, lm, atlas, description: str, embed):
     setup = {"seed": str(seed), "seed_label": atlas.label(seed),
              "ranked": [{"feature": str(r.feature), "t": r.score, "top_token": r.top_token}
                         for r in ranked],
-             "graph_features": [str(f) for f in feats], "graph_layers": sorted({f.layer for f in feats}),
+             "graph_features": [str(f) for f in feats],
+             "graph_layers": sorted({f.layer for f in feats}),
              "magnitude": args.magnitude, "topic": topic.info(), "coherence": coherence.info(),
              "theme_texts": [t[:100] for t in theme.texts[:8]]}
     return graph, mags, topic, coherence, layers, setup
 
 
 def run(args) -> int:
-    import json
-
     from saeflow.commands.steer import open_atlas, open_suite
-    from saeflow.evaluate import SweepConfig, compare_modes, judge, run_sweep
+    from saeflow.evaluate import SweepConfig, compare_modes, run_sweep
     from saeflow.suite import write_json_atomic
     from saeflow.themes import sentence_embedder
     if args.feature and len(args.theme) > 1:
@@ -221,13 +235,10 @@ def run(args) -> int:
                           end_coefficient=args.end_coefficient, action=args.action,
                           temperature=args.temperature, top_p=args.top_p,
                           baseline_prompt=args.baseline_prompt)
-        judge_fn = None
-        if args.judge_url:
-            key = os.environ.get("SAEFLOW_JUDGE_API_KEY")
-            judge_fn = lambda text, d=description: judge(args.judge_url, args.judge_model, d, text, key)  # noqa: E731
         folder = out / slug(description)
         results = run_sweep(lm, suite, description, graph, cfg, folder / "results.json", topic,
-                            coherence, mags, setup, judge_fn, rescore=args.rescore)
+                            coherence, mags, setup, make_judge(args, description),
+                            rescore=args.rescore)
         unit = {"res_norm": " (fraction of residual norm)", "activation": " (x typical activation)",
                 "theta": " (x threshold)", "none": " (x decoder row)"}[args.magnitude]
         plot_theme(folder / "scores.png", description, results,

@@ -51,7 +51,8 @@ def run(args) -> int:
         print()
     print(f"features of {args.theme!r} at {ranked[0].feature.site} ({len(theme.texts)} theme vs "
           f"{len(theme.background)} background paragraphs)")
-    print(f"{'feature':<14} {'t':>6} {'theme':>7} {'backgr':>7} {'fires':>9}  {'top token':<12} label")
+    print(f"{'feature':<14} {'t':>6} {'theme':>7} {'backgr':>7} {'fires':>9}  "
+          f"{'top token':<12} label")
     for r in ranked:
         print(f"{str(r.feature):<14} {r.score:6.2f} {r.theme_mean:7.3f} {r.background_mean:7.3f} "
               f"{r.theme_frac:4.0%}/{r.background_frac:<4.0%} {r.top_token.strip()[:12]!r:<12} "
