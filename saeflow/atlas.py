@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from saeflow.atomic import atomic_path, write_bytes
 from saeflow.lineage import (CLASSES, DEFAULT_NULL_SAMPLES, DEFAULT_QUANTILE, SCORE_KINDS,
                              classify, fractions, null_scores, resolve_thresholds)
 from saeflow.sites import Feature, Site
@@ -100,14 +101,9 @@ def _write_labels(folder: Path, site: Site, tokens: list[list[str]]) -> None:
     blobs = [_SEP.join(t).encode("utf-8") for t in tokens]
     off = np.zeros(len(blobs) + 1, dtype=np.int64)
     off[1:] = np.cumsum([len(b) for b in blobs])
-    fd, tmp = tempfile.mkstemp(prefix=f".{site.slug}.", dir=folder)
-    with os.fdopen(fd, "wb") as f:
-        f.write(b"".join(blobs))
-    os.replace(tmp, folder / f"{site.slug}.bin")
-    fd, tmp = tempfile.mkstemp(prefix=f".{site.slug}.", suffix=".npy", dir=folder)
-    os.close(fd)
-    np.save(tmp, off)
-    os.replace(tmp, folder / f"{site.slug}.off.npy")  # its presence marks the site as done
+    write_bytes(folder / f"{site.slug}.bin", b"".join(blobs))
+    with atomic_path(folder / f"{site.slug}.off.npy") as tmp:  # its presence marks the site done
+        np.save(tmp, off)
 
 
 def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
@@ -259,11 +255,8 @@ def _finalize(out: Path, suite, sources, settings, quantile, thresholds, do_labe
             "seconds_this_run": seconds}
     atlas = Atlas(out, info).with_thresholds(thresholds, quantile)
     for L in atlas.layers:
-        part = out / "layers" / f"{L:03d}"
-        fd, tmp = tempfile.mkstemp(prefix=".lineage.", suffix=".npy", dir=part)
-        os.close(fd)
-        np.save(tmp, atlas.lineage_codes(L))
-        os.replace(tmp, part / "lineage.npy")
+        with atomic_path(out / "layers" / f"{L:03d}" / "lineage.npy") as tmp:
+            np.save(tmp, atlas.lineage_codes(L))
     write_json_atomic(out / ATLAS_JSON, atlas.info)
     return Atlas.load(out)
 
@@ -279,8 +272,13 @@ def ensure_atlas(suite, lm=None, *, k: int = DEFAULT_K, null_samples: int = DEFA
 
     out = cache_dir() / "atlases" / suite.name
     settings = _settings(suite, k, null_samples, seed, label_tokens)
-    if (out / SETTINGS_JSON).exists() and json.loads((out / SETTINGS_JSON).read_text()) != settings:
-        shutil.rmtree(out)  # our own cache of another suite or other settings
+    old = json.loads((out / SETTINGS_JSON).read_text()) if (out / SETTINGS_JSON).exists() else None
+    if old is not None and old != settings:  # our own cache of another suite or other settings
+        from saeflow.contexts import CONTEXTS_FILE
+        same_suite = old.get("fingerprint") == settings["fingerprint"]
+        for p in out.iterdir():  # top-activating contexts depend on the suite alone: keep them
+            if not (same_suite and p.name == CONTEXTS_FILE):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     if (out / ATLAS_JSON).exists():
         atlas = Atlas.load(out)
         if lm is None or atlas.has_labels or not kwargs.get("labels", True):

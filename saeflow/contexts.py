@@ -25,8 +25,6 @@ each checkpoint and a run resumes from it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from saeflow.atomic import atomic_path
 from saeflow.sites import Feature, Site
 
 CONTEXTS_FILE = "contexts.safetensors"
@@ -120,15 +119,9 @@ def _batches(lm, settings: ContextSettings, texts: Sequence[str] | None) -> Iter
 # ---- computing -----------------------------------------------------------------------------
 def _save(path: Path, tensors: dict[str, Tensor], meta: dict) -> None:
     from safetensors.torch import save_file
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
                   metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _vocab_strings(tokenizer, tokens: Tensor, known: dict[str, str]) -> dict[str, str]:

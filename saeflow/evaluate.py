@@ -392,13 +392,18 @@ def compare_modes(results: Sequence[CellResult]) -> dict:
     on half of the generations (even positions: the first sample of each prompt and seed) and
     scored on the other half (odd positions), which no choice has seen. Also each mode's mean
     over the whole grid (sensitivity to settings) and over its two smallest coefficients."""
+    def half(r: CellResult, part: int) -> list[dict]:
+        return r.generations if len(r.generations) < 2 else r.generations[part::2]
+
     def on(r: CellResult, part: int, key="score") -> float:
-        gens = r.generations if len(r.generations) < 2 else r.generations[part::2]
-        return _mean_se([g[key] for g in gens])[0]
+        return _mean_se([g[key] for g in half(r, part)])[0]
 
     def summary(r: CellResult) -> dict:
-        return {"cell": r.cell, "heldout": on(r, 1), "selection": on(r, 0),
-                "topic": on(r, 1, "topic"), "coherence": on(r, 1, "coherence")}
+        held = half(r, 1)
+        mean, se = _mean_se([g["score"] for g in held])
+        return {"cell": r.cell, "heldout": mean, "heldout_se": se, "n_heldout": len(held),
+                "selection": on(r, 0), "topic": on(r, 1, "topic"),
+                "coherence": on(r, 1, "coherence")}
 
     out: dict = {}
     for r in results:

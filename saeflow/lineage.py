@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saeflow.atomic import atomic_path
+
 CLASSES = ("translated", "processed_mlp", "processed_att", "processed_both",
            "newborn_mlp", "newborn_att", "newborn_both", "unexplained")
 SCORE_KINDS = ("res", "mlp", "att")
@@ -191,9 +193,6 @@ def fraction_table(per_layer: dict[int, dict[str, float]],
 def plot_fractions(per_layer: dict[int, dict[str, float]], path: str | Path,
                    title: str = "Lineage of residual features over depth") -> Path:
     """Stacked area plot of class shares over layers, written atomically as PNG."""
-    import os
-    import tempfile
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -213,13 +212,9 @@ def plot_fractions(per_layer: dict[int, dict[str, float]], path: str | Path,
               frameon=False, fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from saeflow.atomic import atomic_path
 from saeflow.models import cache_dir
 from saeflow.sites import Site
 
@@ -190,16 +190,9 @@ def _extract(zip_path: Path, folders: list[str], dest: Path) -> None:
             for member in zf.namelist():
                 if member.endswith("/") or not any(member.startswith(f + "/") for f in folders):
                     continue
-                out = dest / member
-                out.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-                try:
-                    with os.fdopen(fd, "wb") as f, zf.open(member) as src:
-                        shutil.copyfileobj(src, f, 1 << 22)
-                    os.replace(tmp, out)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
+                with atomic_path(dest / member) as tmp, open(tmp, "wb") as f, \
+                        zf.open(member) as src:
+                    shutil.copyfileobj(src, f, 1 << 22)
     except zipfile.BadZipFile as e:
         raise PresetUnavailable(f"{zip_path}: not a readable zip archive ({e})") from None
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saeflow.atomic import write_bytes
 from saeflow.hooks import editing
 from saeflow.sae import SAE
 from saeflow.sites import Site
@@ -313,23 +312,12 @@ def rows_from_json(data: list[dict]) -> list[QualityRow]:
     return [QualityRow(**{c: d[c] for c in COLUMNS}) for d in data]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_csv(rows: list[QualityRow], path: Path) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
     w.writerows(rows_to_json(rows))
-    _atomic_write(Path(path), buf.getvalue().encode())
+    write_bytes(path, buf.getvalue().encode())
 
 
 def plot(rows: list[QualityRow], path: Path, title: str = "") -> None:
@@ -364,7 +352,7 @@ def plot(rows: list[QualityRow], path: Path, title: str = "") -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(Path(path), buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def write_reports(rows: list[QualityRow], folder: Path, title: str = "") -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from saeflow.atomic import write_text
 
 CSS = """
 body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -68,17 +68,23 @@ def _lineage(atlas, out: Path) -> str:
             + _table(["layer", *[c.replace('_', ' ') for c in classes]], rows) + "</details>")
 
 
-def _graphs(graphs: dict) -> str:
-    parts = []
+def _graphs(graphs: dict, cfg) -> str:
+    parts = [f"<p>Each seed's ancestors and descendants: the residual chain of top-1 matches, "
+             f"kept while its cosine is at least {cfg.res_threshold:g}, with the MLP and "
+             f"attention features it is built from (cosine at least {cfg.block_threshold:g}). "
+             f"The steering below uses these same graphs.</p>"]
     for theme, g in graphs.items():
         graph = g["graph"]
         layers = sorted({n.feature.layer for n in graph.nodes})
         nodes = [[str(n.feature), n.lineage or "", n.label, n.score] for n in graph.nodes[:40]]
+        fires = (f" It is the feature that fires most specifically on {_e(theme)} text, most "
+                 f"strongly at the token <code>{_e(repr(g['fires_on']))}</code>."
+                 if g.get("fires_on") else "")
         parts.append(
             f"<h3>{_e(theme)}: seed <code>{_e(g['seed'])}</code></h3>"
             f"<p>{len(graph.nodes)} features, {len(graph.edges)} edges, layers "
-            f"{layers[0]}&ndash;{layers[-1]}. Labels are the tokens each decoder row promotes "
-            f"through the unembedding.</p><div class=\"svg\">{g['svg']}</div>"
+            f"{layers[0]}&ndash;{layers[-1]}.{fires} Node labels are the tokens each decoder "
+            f"row promotes through the unembedding.</p><div class=\"svg\">{g['svg']}</div>"
             "<details><summary>nodes</summary>"
             + _table(["feature", "lineage", "label", "cos"], nodes, left=3) + "</details>")
     return "".join(parts)
@@ -91,17 +97,24 @@ def _steering(out: Path, themes) -> str:
     comp = summary["comparison"]
     rows = []
     for theme, c in comp.items():
-        row = [theme, c["unsteered"]["heldout"], c["prompting"]["heldout"]]
+        row = [theme, _pm(c["unsteered"]), _pm(c["prompting"])]
         for m in ("single", "cumulative"):
-            row += [c[m]["heldout"], c[m]["cell"]] if m in c else ["-", "-"]
+            row += [_pm(c[m]), c[m]["cell"].split("/", 1)[1]] if m in c else ["-", "-"]
         rows.append(row)
-    parts = ["<p>Score = topic &times; coherence, each in [0, 1] (topic: calibrated sentence-"
-             "embedding similarity to the theme; coherence: calibrated perplexity under the "
-             "unsteered model times a repetition penalty). Each mode's best cell (layer, "
-             "coefficient) is picked on the first sampling seed and scored on the others.</p>",
-             _table(["theme", "unsteered", "prompting", "single", "best single cell",
-                     "cumulative", "best cumulative cell"], rows, left=1),
-             _img(sdir / "overview.png", "steering overview")]
+    n = next(iter(comp.values()))["unsteered"].get("n_heldout")
+    parts = ["<p>Each theme's seed feature and its flow graph are added to the residual stream "
+             "while the model writes from neutral prompts. <b>Single-layer</b> steers the graph's "
+             "features at one layer; <b>cumulative</b> steers every graph feature at that layer "
+             "and all earlier ones. <b>Prompting</b> asks for the theme in words instead. Score = "
+             "topic &times; coherence, each in [0, 1] (topic: calibrated sentence-embedding "
+             "similarity to the theme; coherence: calibrated perplexity under the unsteered "
+             "model times a repetition penalty). Each mode's best cell (layer / coefficient, the "
+             "coefficient a fraction of the layer's typical residual norm) is picked on half of "
+             "the generations and scored on the other half"
+             + (f" ({n} generations, mean &plusmn; standard error)" if n else "") + ".</p>",
+             _table(["theme", "unsteered", "prompting", "single", "best single (layer / coef)",
+                     "cumulative", "best cumulative (layer / coef)"], rows, left=1),
+             _reading(comp), _img(sdir / "overview.png", "steering overview")]
     for theme in themes:
         res = json.loads((sdir / slug(theme) / "results.json").read_text())
         cells = res["cells"]
@@ -117,6 +130,36 @@ def _steering(out: Path, themes) -> str:
         parts.append(f"<h3>{_e(theme)}</h3>" + _img(sdir / slug(theme) / "scores.png", theme)
                      + "<div class='gen'>" + "".join(gens) + "</div>")
     return "".join(parts)
+
+
+def _pm(c: dict) -> str:
+    se = c.get("heldout_se")
+    return f"{c['heldout']:.3f}" + (f" ± {se:.3f}" if se is not None and se == se else "")
+
+
+def _reading(comp: dict) -> str:
+    """What the steering table says, in words, from its own numbers: a difference counts only
+    when it exceeds twice its standard error."""
+    def verdict(a: dict, b: dict) -> int:
+        se = ((a.get("heldout_se") or 0.0) ** 2 + (b.get("heldout_se") or 0.0) ** 2) ** 0.5
+        d = a["heldout"] - b["heldout"]
+        return 0 if se != se or abs(d) <= 2 * se else (1 if d > 0 else -1)
+
+    both = {t: c for t, c in comp.items() if "single" in c and "cumulative" in c}
+    if not both:
+        return ""
+    modes = {t: verdict(c["cumulative"], c["single"]) for t, c in both.items()}
+    steer = {t: verdict(max(c["single"], c["cumulative"], key=lambda m: m["heldout"]),
+                        c["prompting"]) for t, c in both.items()}
+
+    def names(v: dict, sign: int) -> str:
+        return _e(", ".join(t for t, x in v.items() if x == sign) or "none")
+
+    return ("<p><b>Reading</b> (a difference counts when it exceeds twice its standard error): "
+            f"cumulative beats single-layer on {names(modes, 1)}; single-layer beats cumulative "
+            f"on {names(modes, -1)}; no clear difference on {names(modes, 0)}. The better "
+            f"steering mode beats prompting on {names(steer, 1)}, loses to it on "
+            f"{names(steer, -1)}, and ties on {names(steer, 0)}.</p>")
 
 
 def _deactivation(out: Path) -> str:
@@ -139,12 +182,19 @@ def write_report(out: Path, suite, atlas, graphs: dict, cfg, timings: dict) -> P
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     body = [
         f"<h1>saeflow report: {_e(suite.name)}</h1>",
+        "<p>Sparse autoencoders (SAEs) split a language model's activations into features. This "
+        "report follows features through the model without any data: each feature is matched to "
+        "the features of the layer before and of the MLP and attention blocks in between by the "
+        "cosine of their SAE decoder rows. From those matches it tells where each feature comes "
+        "from (section 2), draws a feature's ancestors and descendants as a flow graph (3), "
+        "checks causally that switching a matched predecessor off switches the feature off "
+        "(4), and steers generation with whole flow graphs instead of one vector (5).</p>",
         f"<p class='muted'>model {_e(atlas.model)}; {len(suite)} SAEs at "
         f"{len(atlas.layers)} layers (res, mlp, att), widths {_e(widths)}; stage times: "
         f"{_e(secs)}{' (--quick: a small suite for CI)' if cfg.quick else ''}</p>",
         "<h2>1. The SAEs</h2>", _quality(suite),
         "<h2>2. Where features come from: lineage over depth</h2>", _lineage(atlas, out),
-        "<h2>3. Flow graphs of the theme seeds</h2>", _graphs(graphs),
+        "<h2>3. Flow graphs of the theme seeds</h2>", _graphs(graphs, cfg),
         "<h2>4. Do the matches hold causally?</h2>", _deactivation(out),
         "<h2>5. Steering with whole flow graphs</h2>", _steering(out, cfg.themes),
         "<h2>Explore</h2><p>Open the atlas in the viewer: <code>saeflow view "
@@ -154,8 +204,5 @@ def write_report(out: Path, suite, atlas, graphs: dict, cfg, timings: dict) -> P
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>saeflow report</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     path = out / "report.html"
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html", dir=out)
-    with os.fdopen(fd, "w") as f:
-        f.write(page)
-    os.replace(tmp, path)
+    write_text(path, page)
     return path

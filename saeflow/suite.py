@@ -13,12 +13,11 @@ SAEs are read lazily on first access, so a 90-site suite opens instantly.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from saeflow.atomic import write_json_atomic  # noqa: F401  (re-exported)
 from saeflow.formats import load_sae, save_saelens
 from saeflow.sae import SAE, SAEFileError
 from saeflow.sites import Site
@@ -104,18 +103,6 @@ class Suite:
             save_saelens(self[site], folder / site.slug, model_name=model_name or self.model or "")
         write_json_atomic(folder / SUITE_JSON, {**self.info, "model": self.model, "name": self.name})
         return folder
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_spec(path: Path) -> dict:

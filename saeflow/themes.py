@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from saeflow.atomic import atomic_path
 from saeflow.hooks import run_sites
 from saeflow.sites import Feature, Site
 
@@ -89,15 +89,8 @@ def corpus_embeddings(texts: Sequence[str], embed: Embedder, cache: bool = True)
         E = embed(texts)
     E = E.half()  # as stored, so the first run and later runs retrieve the same paragraphs
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".emb.", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(E, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     return E.float()
 
 

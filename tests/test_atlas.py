@@ -179,9 +179,14 @@ def test_ensure_atlas_caches(monkeypatch, tmp_path):
     before = np.array(a.column(1, "pred_res_idx"))
     b = ensure_atlas(suite)
     assert (b.root / "layers" / "001" / "part.json").stat().st_mtime_ns == stamp
+    (b.root / "contexts.safetensors").write_bytes(b"computed contexts")
+    k2 = ensure_atlas(suite, k=2, progress=False)  # other settings, same suite: recomputed,
+    assert k2.info["settings"]["k"] == 2                # but the suite's contexts are kept
+    assert (k2.root / "contexts.safetensors").read_bytes() == b"computed contexts"
     other, _ = planted_suite(2, 128, 32, seed=3, name="tiny-planted")  # same name, other suite
     c = ensure_atlas(other, progress=False)
     assert not np.array_equal(np.asarray(c.column(1, "pred_res_idx")), before)
+    assert not (c.root / "contexts.safetensors").exists()
 
 
 def test_cli_atlas(tmp_path):

@@ -37,3 +37,16 @@ def test_quick_demo_writes_a_report_from_its_own_results(tmp_path, capsys):
     assert page.count("data:image/png;base64,") >= 4  # plots are inlined: one self-contained file
     # a second run reuses the cached suite and atlas
     assert main(["demo", "--quick", "--out", str(out)]) == 0
+
+
+def test_report_reading_counts_only_differences_beyond_twice_the_standard_error():
+    from saeflow.report import _reading
+
+    def c(x, se):
+        return {"heldout": x, "heldout_se": se}
+    comp = {"a": {"prompting": c(0.5, 0.05), "single": c(0.2, 0.05), "cumulative": c(0.7, 0.05)},
+            "b": {"prompting": c(0.5, 0.05), "single": c(0.3, 0.1), "cumulative": c(0.4, 0.1)}}
+    text = _reading(comp)
+    assert "cumulative beats single-layer on a;" in text
+    assert "no clear difference on b." in text
+    assert "beats prompting on a, loses to it on none, and ties on b." in text

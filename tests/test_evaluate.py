@@ -146,6 +146,9 @@ def test_sweep_runs_resumes_and_compares(lm, tmp_path, monkeypatch):
         assert picks[best.cell] == max(picks.values())  # chosen on even positions
         assert comp[mode]["heldout"] == pytest.approx(
             sum(g["score"] for g in best.generations[1::2]) / 2)  # scored on odd ones
+        held = [g["score"] for g in best.generations[1::2]]
+        assert comp[mode]["n_heldout"] == 2
+        assert comp[mode]["heldout_se"] == pytest.approx(abs(held[0] - held[1]) / 2)
     single = [r for r in res if r.mode == "single"]
     assert comp["single"]["grid_mean"] == pytest.approx(sum(r.score for r in single) / 4)
 

@@ -12,9 +12,9 @@ import argparse
 import csv
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from saeflow.atomic import atomic_path, write_text
 
 LABELS = {"top1": "top-1 cosine", "top5": "top-5 cosine (all)", "random5": "random of top-5",
           "permutation": "permutation", "pearson": "top-1 Pearson", "exhaustive": "exhaustive"}
@@ -89,18 +89,6 @@ def _texts(args, seed: int) -> tuple[list[str], list[str]]:
         rest = load_texts(split="train")
     random.Random(seed + 1).shuffle(rest)
     return ev, rest
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def to_csv(rows, header) -> str:
@@ -187,14 +175,8 @@ def plot(summary, layers, out: Path) -> list[Path]:
 
 
 def _save_fig(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -203,8 +185,8 @@ def save_result(result, out: Path, plots: bool = True) -> list[Path]:
     from saeflow.suite import write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "summary.csv", to_csv(result.summary, SummaryRow._fields))
-    write_text_atomic(out / "pairs.csv", to_csv(result.pairs, PairOutcome._fields))
+    write_text(out / "summary.csv", to_csv(result.summary, SummaryRow._fields))
+    write_text(out / "pairs.csv", to_csv(result.pairs, PairOutcome._fields))
     def clean(row):  # NaN (no oracle run) is not valid JSON: write null
         return {k: None if isinstance(v, float) and math.isnan(v) else v
                 for k, v in row._asdict().items()}

@@ -19,6 +19,11 @@ def add(subparsers) -> None:
                    help=f"a theme (repeatable; default: {', '.join(DEFAULT_THEMES)})")
     p.add_argument("--quick", action="store_true",
                    help="a four-layer suite trained on few tokens and tiny stages (for CI)")
+    p.add_argument("--res-threshold", type=float, default=0.3,
+                   help="flow graphs: stop the residual chain below this cosine (0.3; the paper's "
+                        "0.5 suits Gemma Scope, the starter suite's matches are weaker)")
+    p.add_argument("--block-threshold", type=float, default=0.2,
+                   help="flow graphs: drop MLP/attention nodes below this cosine (0.2)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -27,7 +32,8 @@ def run(args) -> int:
     from saeflow.demo import DEFAULT_THEMES, DemoConfig, run_demo
     cfg = DemoConfig(out=args.out, suite=args.suite, model=args.model,
                      themes=tuple(args.theme or (DEFAULT_THEMES[:1] if args.quick else DEFAULT_THEMES)),
-                     quick=args.quick, device=args.device, dtype=args.dtype)
+                     quick=args.quick, device=args.device, dtype=args.dtype,
+                     res_threshold=args.res_threshold, block_threshold=args.block_threshold)
     result = run_demo(cfg)
     print(f"\nreport: {result.report.resolve()}")
     print(f"raw results: {result.out.resolve()}")

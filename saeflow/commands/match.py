@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
-import tempfile
-from pathlib import Path
+
+from saeflow.atomic import atomic_path
 
 
 def add(subparsers) -> None:
@@ -60,14 +59,10 @@ def _open(args):
 
 
 def _write_csv(path: str, header: list[str], rows) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, out)
 
 
 def run(args: argparse.Namespace) -> int:

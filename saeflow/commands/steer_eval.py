@@ -9,8 +9,9 @@ import csv
 import io
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from saeflow.atomic import atomic_path, write_text
 
 DEFAULT_PROMPTS = ("I think", "Let me tell you about", "Yesterday,", "The best thing")
 
@@ -79,27 +80,12 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
         raise ValueError(f"--{name} must be comma-separated numbers, got {text!r}") from None
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-    _atomic(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+    write_text(path, buf.getvalue())
 
 
 def plot_theme(path: Path, theme: str, results, xlabel: str = "coefficient") -> None:
@@ -140,7 +126,8 @@ def plot_theme(path: Path, theme: str, results, xlabel: str = "coefficient") -> 
                 ax.set_xlabel(xlabel)
         axes[0][j].legend(fontsize=7)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
@@ -162,7 +149,8 @@ def plot_overview(path: Path, comparison: dict) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
