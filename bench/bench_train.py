@@ -96,7 +96,7 @@ def bench_suite(args) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from saeflow.models import load_model
-    from saeflow.quality import SiteTaps
+    from saeflow.hooks import SiteTaps
     from saeflow.sites import parse_sites
     from saeflow.train import STARTER_CONFIG, train_suite
     lm = load_model("smollm2", dtype="bfloat16")

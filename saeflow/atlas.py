@@ -25,12 +25,9 @@ from the first missing layer; the label files are atomic per site.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,11 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from saeflow.atomic import atomic_path, write_bytes
+from saeflow.io import atomic_path, file_lock, temp_dir, write_bytes, write_json_atomic
 from saeflow.lineage import (CLASSES, DEFAULT_NULL_SAMPLES, DEFAULT_QUANTILE, SCORE_KINDS,
                              classify, fractions, null_scores, resolve_thresholds)
 from saeflow.sites import Feature, Site
-from saeflow.suite import write_json_atomic
 
 SCHEMA = "saeflow.atlas/1"
 ATLAS_JSON = "atlas.json"
@@ -139,17 +135,8 @@ def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
 @contextmanager
 def _exclusive(out: Path):
     """One writer per atlas folder (another process computing it makes this one wait)."""
-    with open(out / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"saeflow: waiting for another process computing the atlas in {out}",
-                  file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(out / ".lock", f"waiting for another process computing the atlas in {out}"):
+        yield
 
 
 def _compute(suite, out: Path, lm, settings: dict, *, k, block, precision, null_samples,
@@ -206,7 +193,7 @@ def _match_layer(suite, lm, L: int, sources: dict[str, Site], R, prev_R, part: P
     from saeflow.match import Operand, cosine_topk_pair, residual_decoder
 
     out = part.parent.parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{L:03d}.", dir=out))
+    tmp = temp_dir(out, prefix=f".{L:03d}.")
     info = {"layer": L, "sources": {}, "widths": {f"{L}/res": len(R)}, "stats": {}}
     t0, flops = time.perf_counter(), 0
     for kind, site in sources.items():

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from saeflow.atomic import atomic_path
+from saeflow.io import atomic_path
 from saeflow.sites import Feature, Site
 
 CONTEXTS_FILE = "contexts.safetensors"

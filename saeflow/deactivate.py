@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saeflow.hooks import editing, recording, run_sites
+from saeflow.hooks import BlockRerun, editing, recording, run_sites
 from saeflow.sites import Feature, Site
 
 STRATEGIES = ("top1", "top5", "random5", "permutation", "pearson", "exhaustive")
@@ -200,45 +200,6 @@ def summarize(pairs: Sequence[PairOutcome]) -> list[SummaryRow]:
 
 
 # ---- running block L on edited prefixes -------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-def _main(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-class _Block:
-    """Call decoder block ``layer`` directly, with the extra arguments the model passes it
-    (captured from a one-row pass of the same length, once per length)."""
-
-    def __init__(self, lm, layer: int):
-        self.lm, self.layer = lm, layer
-        self._kw: dict[int, tuple] = {}
-
-    def prepare(self, T: int) -> None:
-        if T in self._kw:
-            return
-
-        def grab(mod, args, kwargs):
-            self._kw[T] = (args[1:], dict(kwargs))
-            raise _Stop
-
-        handle = self.lm.blocks[self.layer].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            self.lm.model(input_ids=torch.zeros(1, T, dtype=torch.long, device=self.lm.device),
-                          use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-
-    def __call__(self, h_BTD: Tensor) -> Tensor:
-        self.prepare(h_BTD.shape[1])
-        args, kwargs = self._kw[h_BTD.shape[1]]
-        return _main(self.lm.blocks[self.layer](h_BTD, *args, **kwargs))
-
-
 def _adder(b_idx: Tensor, t_idx: Tensor, delta_ND: Tensor):
     def fn(h):
         h = h.clone()
@@ -282,7 +243,7 @@ def iter_edited_acts(lm, prev_hidden: Sequence[Tensor], edits: Sequence[Edit], l
                 or (e.site.layer == layer and e.site.kind in ("mlp", "att", "att_z"))):
             raise ValueError(f"edit at {e.site} cannot feed {layer}/res directly; edits must be "
                              f"at {layer - 1}/res or at {layer}/mlp, att or att_z")
-    run, dev, dt = _Block(lm, layer), lm.device, lm.dtype
+    run, dev, dt = BlockRerun(lm, layer), lm.device, lm.dtype
     att, att_z = Site(layer, "att"), Site(layer, "att_z")
     pre = sorted((i for i, e in enumerate(edits) if e.site.kind == "res"),
                  key=lambda i: (edits[i].position, edits[i].text))
@@ -398,7 +359,7 @@ def _fingerprint(cfg, layer, suite, ids, corr_ids) -> str:
 def _recompute_error(lm, prev: Sequence[Tensor], samples, rows_tgt: Tensor, layer: int) -> float:
     """Largest relative difference between R_layer recomputed from block ``layer``'s input
     and the model's own forward pass, over a few samples."""
-    run, worst = _Block(lm, layer), 0.0
+    run, worst = BlockRerun(lm, layer), 0.0
     for s, (text, t) in enumerate(samples[:8]):
         with torch.no_grad():
             x = run(prev[text][None, :t + 1])[0, t].float().cpu()
@@ -586,7 +547,7 @@ def run_deactivation(lm, suite, ids: Sequence[Tensor], corr_ids: Sequence[Tensor
 
     from tqdm.auto import tqdm
 
-    from saeflow.suite import write_json_atomic
+    from saeflow.io import write_json_atomic
 
     for layer in cfg.layers:
         if layer >= lm.n_layers:

@@ -336,7 +336,7 @@ def run_sweep(lm, suite, theme: str, graph, cfg: SweepConfig, out: Path, topic: 
     ``rescore`` first recomputes the scores of the cells already saved (no generation)."""
     from tqdm.auto import tqdm
 
-    from saeflow.suite import write_json_atomic
+    from saeflow.io import write_json_atomic
     cfg_json = json.loads(json.dumps(asdict(cfg)))
     setup = json.loads(json.dumps(setup or {}, default=str))
     state = {"theme": theme, "config": cfg_json, "setup": setup, "scorer": SCORER_VERSION,

@@ -6,14 +6,22 @@ when the forward pass or generation raises. Hidden states are ``[batch, tokens, 
 - ``recording(lm, sites)``: a dict that fills with each site's hidden state on every forward.
 - ``editing(lm, {site: fn})``: ``fn(h) -> h`` replaces the hidden state at the site.
 - ``run_sites(lm, ids, sites)``: one forward pass that stops after the last layer it needs.
+- ``SiteTaps(lm, sites)``: record and patch per thread, for several threads running forward
+  passes of one model at once (training, quality).
+- ``BlockRerun(lm, layer)``: call one decoder block directly, with the extra arguments the model
+  itself passes it (deactivation recomputes block L only).
+The viewer streams generated tokens with transformers' streamer and stopping criteria, so it
+needs no hook.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saeflow.models import LM
@@ -81,11 +89,19 @@ def editing(lm: LM, edits: Mapping[Site | str, EditFn | list[EditFn]]):
 
 
 class _Stop(Exception):
-    pass
+    """Raised by a hook to end a forward pass once it has what it needs."""
 
 
 def _raise_stop(*_):
     raise _Stop
+
+
+_FORWARD_ORDER = {"att_z": 0, "att": 1, "mlp": 2, "res": 3}
+
+
+def forward_order(site: Site) -> tuple[int, int]:
+    """Order in which a forward pass reaches the sites."""
+    return site.layer, _FORWARD_ORDER[site.kind]
 
 
 @torch.no_grad()
@@ -114,3 +130,93 @@ def hook_count(model: nn.Module) -> int:
         return not (getattr(fn, "__module__", None) or "").startswith("transformers.")
     return sum(counted(fn) for m in model.modules()
                for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+
+
+class SiteTaps:
+    """Hooks at ``sites`` that record and patch per thread, so several threads can run forward
+    passes of one model at once. Use inside ``with taps.installed():``."""
+
+    def __init__(self, lm: LM, sites: Iterable[Site | str]):
+        self.lm = lm
+        self.sites = sorted({Site.parse(s) for s in sites}, key=forward_order)
+        self._tls = threading.local()
+
+    def _fn(self, site: Site):
+        def fn(h: Tensor):
+            st = self._tls
+            record = getattr(st, "record", None)
+            if record is not None and site in st.wanted:
+                record[site] = h.detach()
+            patch = getattr(st, "patch", None)
+            new = patch[site](h) if patch and site in patch else None
+            if getattr(st, "stop", None) == site:
+                raise _Stop
+            return new
+        return fn
+
+    @contextmanager
+    def installed(self):
+        with editing(self.lm, {s: self._fn(s) for s in self.sites}):
+            yield self
+
+    @torch.no_grad()
+    def record(self, ids: Tensor, sites=None) -> dict[Site, Tensor]:
+        """Hidden states at ``sites`` (default: all tapped), stopping after the last one."""
+        wanted = self.sites if sites is None else [Site.parse(s) for s in sites]
+        st = self._tls
+        st.record, st.wanted = {}, set(wanted)
+        st.stop = max(wanted, key=forward_order)
+        try:
+            self.lm.model(input_ids=ids.to(self.lm.device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            out, st.record, st.stop = st.record, None, None
+        return out
+
+    @torch.no_grad()
+    def loss(self, ids: Tensor, patch: Mapping[Site, EditFn] | None = None) -> tuple[float, int]:
+        """Summed next-token loss over predictions made at positions 1..T-2, and their count."""
+        st = self._tls
+        st.patch = dict(patch or {})
+        try:
+            logits = self.lm.model(input_ids=ids.to(self.lm.device), use_cache=False).logits
+        finally:
+            st.patch = None
+        pred = logits[:, 1:-1].float().reshape(-1, logits.shape[-1])
+        target = ids[:, 2:].reshape(-1).to(pred.device)
+        return float(F.cross_entropy(pred, target, reduction="sum")), target.numel()
+
+
+class BlockRerun:
+    """Call decoder block ``layer`` directly, with the extra arguments the model passes it
+    (rotary embeddings, mask), captured from a one-row pass of the same length, once per
+    length."""
+
+    def __init__(self, lm: LM, layer: int):
+        self.lm, self.layer = lm, layer
+        self._kw: dict[int, tuple] = {}
+
+    def prepare(self, T: int) -> None:
+        """Capture the arguments for sequences of length ``T`` (run it before any editing
+        hook exists: the capture pass must run clean)."""
+        if T in self._kw:
+            return
+
+        def grab(mod, args, kwargs):
+            self._kw[T] = (args[1:], dict(kwargs))
+            raise _Stop
+
+        handle = self.lm.blocks[self.layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.lm.model(input_ids=torch.zeros(1, T, dtype=torch.long, device=self.lm.device),
+                          use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+
+    def __call__(self, h_BTD: Tensor) -> Tensor:
+        self.prepare(h_BTD.shape[1])
+        args, kwargs = self._kw[h_BTD.shape[1]]
+        return _main(self.lm.blocks[self.layer](h_BTD, *args, **kwargs))

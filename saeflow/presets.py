@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from saeflow.atomic import atomic_path
+from saeflow.io import atomic_path
 from saeflow.models import cache_dir
 from saeflow.sites import Site
 

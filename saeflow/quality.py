@@ -24,88 +24,20 @@ from __future__ import annotations
 import csv
 import io
 import math
-import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from saeflow.atomic import write_bytes
-from saeflow.hooks import editing
+from saeflow.io import write_bytes
+from saeflow.hooks import SiteTaps
 from saeflow.sae import SAE
 from saeflow.sites import Site
 
 _BLOCK_ORDER = {"att_z": 0, "att": 1, "mlp": 2, "res": 3}
-
-
-class _Stop(Exception):
-    pass
-
-
-def _order(site: Site) -> tuple[int, int]:
-    """Order in which a forward pass reaches the sites."""
-    return site.layer, _BLOCK_ORDER[site.kind]
-
-
-class SiteTaps:
-    """Hooks at ``sites`` that record and patch per thread, so several threads can run forward
-    passes of one model at once. Use inside ``with taps.installed():``."""
-
-    def __init__(self, lm, sites):
-        self.lm = lm
-        self.sites = sorted({Site.parse(s) for s in sites}, key=_order)
-        self._tls = threading.local()
-
-    def _fn(self, site: Site):
-        def fn(h: Tensor):
-            st = self._tls
-            record = getattr(st, "record", None)
-            if record is not None and site in st.wanted:
-                record[site] = h.detach()
-            patch = getattr(st, "patch", None)
-            new = patch[site](h) if patch and site in patch else None
-            if getattr(st, "stop", None) == site:
-                raise _Stop
-            return new
-        return fn
-
-    @contextmanager
-    def installed(self):
-        with editing(self.lm, {s: self._fn(s) for s in self.sites}):
-            yield self
-
-    @torch.no_grad()
-    def record(self, ids: Tensor, sites=None) -> dict[Site, Tensor]:
-        """Hidden states at ``sites`` (default: all tapped), stopping after the last one."""
-        wanted = self.sites if sites is None else [Site.parse(s) for s in sites]
-        st = self._tls
-        st.record, st.wanted = {}, set(wanted)
-        st.stop = max(wanted, key=_order)
-        try:
-            self.lm.model(input_ids=ids.to(self.lm.device), use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            out, st.record, st.stop = st.record, None, None
-        return out
-
-    @torch.no_grad()
-    def loss(self, ids: Tensor, patch: Mapping[Site, callable] | None = None) -> tuple[float, int]:
-        """Summed next-token loss over predictions made at positions 1..T-2, and their count."""
-        st = self._tls
-        st.patch = dict(patch or {})
-        try:
-            logits = self.lm.model(input_ids=ids.to(self.lm.device), use_cache=False).logits
-        finally:
-            st.patch = None
-        pred = logits[:, 1:-1].float().reshape(-1, logits.shape[-1])
-        target = ids[:, 2:].reshape(-1).to(pred.device)
-        return float(F.cross_entropy(pred, target, reduction="sum")), target.numel()
 
 
 def keep_mask(h_BTD: Tensor, outlier_factor: float) -> Tensor:

@@ -150,7 +150,7 @@ class SteeringPlan:
             raise ValueError(f"{source}: bad steering plan: {e}") from None
 
     def save(self, path: str | Path) -> Path:
-        from saeflow.suite import write_json_atomic
+        from saeflow.io import write_json_atomic
         path = Path(path)
         write_json_atomic(path, self.to_json())
         return path

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saeflow.atomic import write_json_atomic  # noqa: F401  (re-exported)
+from saeflow.io import write_json_atomic
 from saeflow.formats import load_sae, save_saelens
 from saeflow.sae import SAE, SAEFileError
 from saeflow.sites import Site

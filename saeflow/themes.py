@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from saeflow.atomic import atomic_path
+from saeflow.io import atomic_path
 from saeflow.hooks import run_sites
 from saeflow.sites import Feature, Site
 

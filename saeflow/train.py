@@ -37,10 +37,11 @@ from pathlib import Path
 
 import torch
 
-from saeflow.quality import SiteTaps
+from saeflow.hooks import SiteTaps
+from saeflow.io import write_json_atomic
 from saeflow.sae import SAE
 from saeflow.sites import Site, parse_sites
-from saeflow.suite import SUITE_JSON, write_json_atomic
+from saeflow.suite import SUITE_JSON
 from saeflow.topk import TopKTrainer, bf16_matmul_is_fast
 
 CHECKPOINT = ".checkpoint.pt"

@@ -12,13 +12,11 @@ tool computes the same function from the files.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from saeflow.io import atomic_dir
 from saeflow.sae import SAE, SAEFileError
 from saeflow.sites import Site, site_from_hook_name
 
@@ -147,16 +145,8 @@ def save_saelens(sae: SAE, folder: str | Path, model_name: str = "", extra: dict
     weights = _plain_weights(sae)
     if dtype != "float32":
         weights = {k: v.to(getattr(torch, dtype)) for k, v in weights.items()}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         with open(tmp / CFG, "w") as f:
             json.dump(cfg, f, indent=2)
         save_file(weights, str(tmp / WEIGHTS))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
