@@ -232,7 +232,7 @@ def judge(url: str, model: str, theme: str, text: str, api_key: str | None = Non
 class SweepConfig:
     modes: tuple[str, ...] = MODES
     layers: tuple[int, ...] = ()
-    coefficients: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8)
+    coefficients: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
     prompts: tuple[str, ...] = ("I think", "Let me tell you about", "Yesterday,", "The best thing")
     seeds: tuple[int, ...] = (0,)
     samples: int = 2

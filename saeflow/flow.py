@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from saeflow.sites import Feature, Site
 
 SCHEMA = "saeflow.flowgraph/1"
+# The paper's pruning thresholds (sec. 5), the defaults everywhere (CLI, viewer, API).
+RES_THRESHOLD = 0.5
+BLOCK_THRESHOLD = 0.15
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,8 @@ class FlowGraph:
         return g
 
 
-def trace(atlas, feature, res_threshold: float = 0.5, block_threshold: float = 0.15, *,
+def trace(atlas, feature, res_threshold: float = RES_THRESHOLD,
+          block_threshold: float = BLOCK_THRESHOLD, *,
           backward: bool = True, forward: bool = True, children: bool = True,
           max_nodes: int = 1000) -> FlowGraph:
     """The pruned flow graph of ``feature`` (module docstring)."""
