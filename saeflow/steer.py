@@ -8,7 +8,12 @@ token when the KV cache is used):
     row of ``SAE.steering_vectors()`` (decoder row with the SAE's output scale);
   - suppress: ``h <- h + (r - 1) * a * v`` with ``r`` the coefficient and ``a`` the feature's
     activation, encoded on the fly from ``h`` at that site (``r = 1`` leaves ``h`` unchanged,
-    ``r = 0`` removes the feature, ``r < 0`` flips it). Magnitudes are not used.
+    ``r = 0`` removes the feature, ``r < 0`` flips it). Magnitudes are not used. Only usable
+    tokens are edited (``saeflow.tokens.usable_tokens``, the rule training and quality use):
+    never a sequence's first token (its position, tracked through generation's left padding)
+    and never a token whose norm is above 10x the median of the pass (SmolLM2's first token,
+    at ~24,000, returns activations of 290-760 instead of 4-6 there); the one-token steps of
+    cached generation keep the limit measured on the prompt.
 Activation costs one vector addition per site: the terms of a site are summed into one vector
 when the plan is applied. Suppression encodes the plan's features only (all features for TopK
 SAEs, whose activation depends on the others).
@@ -51,6 +56,7 @@ from torch import Tensor
 
 from saeflow.hooks import editing
 from saeflow.sites import Feature, Site
+from saeflow.tokens import LimitMemory, PositionTracker, tracking_positions, usable_tokens
 
 ACTIONS = ("activate", "suppress")
 MODES = ("single", "cumulative")
@@ -128,7 +134,12 @@ class SteeringPlan:
     @contextmanager
     def apply(self, lm, suite):
         """Edit ``lm`` at the plan's sites while the block runs; always restores the model."""
-        with editing(lm, site_edits(self, lm, suite)):
+        if self.action == "activate":
+            with editing(lm, site_edits(self, lm, suite)):
+                yield self
+            return
+        with tracking_positions(lm.model) as tracker, editing(
+                lm, site_edits(self, lm, suite, tracker)):
             yield self
 
     # ---- JSON ---------------------------------------------------------------------------------
@@ -264,8 +275,11 @@ def _residual_norm(lm, suite, feature: Feature) -> float:
 
 
 # ---- hooks --------------------------------------------------------------------------------------
-def site_edits(plan: SteeringPlan, lm, suite) -> dict[Site, object]:
-    """One edit function per site of the plan (activation terms summed into one vector)."""
+def site_edits(plan: SteeringPlan, lm, suite, tracker: PositionTracker | None = None
+               ) -> dict[Site, object]:
+    """One edit function per site of the plan (activation terms summed into one vector).
+    Suppressors read token positions from ``tracker`` (``tokens.tracking_positions``); without
+    one a token's index is its position."""
     by_site: dict[Site, list[tuple[Feature, float]]] = {}
     for f, c in plan.terms:
         by_site.setdefault(f.site, []).append((f, c))
@@ -283,7 +297,7 @@ def site_edits(plan: SteeringPlan, lm, suite) -> dict[Site, object]:
             edits[site] = _adder((w_n @ V_nD).to(device=lm.device, dtype=lm.dtype))
         else:
             r_n = torch.tensor([c for _, c in terms])
-            edits[site] = _suppressor(sae, idx, r_n - 1.0, V_nD, lm.device)
+            edits[site] = _suppressor(sae, idx, r_n - 1.0, V_nD, lm.device, tracker)
     return edits
 
 
@@ -293,22 +307,27 @@ def _adder(vec_D: Tensor):
     return fn
 
 
-def _suppressor(sae, idx_n: Tensor, gain_n: Tensor, V_nD: Tensor, device):
-    """``h + sum_i gain_i * a_i(h) * v_i`` with ``a`` encoded from ``h`` at this site."""
+def _suppressor(sae, idx_n: Tensor, gain_n: Tensor, V_nD: Tensor, device,
+                tracker: PositionTracker | None = None):
+    """``h + sum_i gain_i * a_i(h) * v_i`` with ``a`` encoded from ``h`` at this site, on
+    usable tokens only (``tokens.usable_tokens``; the others are returned unchanged)."""
     full = sae.activation == "topk"
+    limits = LimitMemory()
     enc = sae.to(device) if full else sae.replace(
         W_enc=sae.W_enc[:, idx_n], b_enc=sae.b_enc[idx_n], W_dec=sae.W_dec[idx_n],
         threshold=None if sae.threshold is None else sae.threshold[idx_n]).to(device)
     idx_n, G_nD = idx_n.to(device), (gain_n[:, None] * V_nD).to(device)
 
     def fn(h: Tensor) -> Tensor:
+        pos = tracker.for_hidden(h) if tracker is not None else None
+        keep = usable_tokens(h, limits(h, pos), positions=pos)  # [..., T]
         x = h.to(enc.W_enc.dtype)
         acts = enc.encode(x)
         a_n = acts[..., idx_n] if full else acts  # [..., n]
         delta = a_n.to(G_nD.dtype) @ G_nD
         if enc.input_norm == "layer_norm":  # the SAE's output lives in standardised units
             delta = delta * enc._standardise(x)[2]
-        return h + delta.to(h.dtype)
+        return torch.where(keep[..., None], h + delta.to(h.dtype), h)
     return fn
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from saeflow.hooks import hook_count, recording
+from saeflow.hooks import editing, hook_count, recording
 from saeflow.models import lm_from_model
 from saeflow.sae import SAE
 from saeflow.sites import Feature, Site
@@ -108,7 +108,8 @@ def test_suppress_with_r_equal_one_changes_nothing(lm, suite):
     plan = plan_from_graph(GRAPH, "cumulative", 3, coefficient=1.0, action="suppress")
     base = logits(lm)
     with plan.apply(lm, suite):
-        assert hook_count(lm.model) == len(plan.sites) == 6  # the suppressors are in place
+        # the suppressors are in place, and the position tracker
+        assert hook_count(lm.model) == len(plan.sites) + 1 == 7
         steered = logits(lm)
     assert torch.equal(base, steered)
 
@@ -154,7 +155,63 @@ def test_suppression_with_r_zero_removes_a_planted_feature(lm, activation):
     plan = SteeringPlan([(Feature(Site(1, "res"), j), 0.0)], action="suppress")
     with plan.apply(lm, suite), recording(lm, ["1/res"]) as rec:
         logits(lm)
-    assert sae.encode(rec[Site(1, "res")])[..., j].abs().max() < 1e-4
+    after = sae.encode(rec[Site(1, "res")])[..., j]
+    assert after[:, 1:].abs().max() < 1e-4  # removed at every usable token
+    assert torch.equal(after[:, 0], acts[:, 0, j])  # position 0 is never edited
+
+
+def _passes(lm, site):
+    """A hook that keeps the hidden state of every forward pass at ``site``."""
+    store = []
+    module, where = lm.site_module(site)
+    assert where == "output"
+    handle = module.register_forward_hook(
+        lambda m, a, out: store.append((out[0] if isinstance(out, tuple) else out).clone()))
+    return store, handle
+
+
+def test_suppression_leaves_position_0_and_outlier_tokens_alone(lm, suite):
+    """One usable-token rule: the first token and a planted huge-norm token are not edited,
+    every other token is."""
+    site = Site(1, "res")
+    sae = suite[site]
+    plan = SteeringPlan([(Feature(site, j), -4.0) for j in range(F)], action="suppress")
+    blow_up = {site: lambda h: torch.cat([h[:, :5], 200.0 * h[:, 5:6], h[:, 6:]], dim=1)}
+    with editing(lm, blow_up), recording(lm, [site]) as rec:  # the outlier, unsuppressed
+        logits(lm)
+        base = rec[site].clone()
+    with editing(lm, blow_up), plan.apply(lm, suite), recording(lm, [site]) as rec:
+        logits(lm)
+        steered = rec[site]
+    norms = base[0].norm(dim=-1)
+    assert norms[5] > 10 * norms[1:].median()  # the planted outlier is one by the rule
+    same = (steered[0] == base[0]).all(dim=-1)
+    assert same[0] and same[5]  # position 0 and the outlier are untouched
+    active = (sae.encode(base[0]) > 0).any(dim=-1)
+    assert (~same[[t for t in range(1, IDS.shape[1]) if t != 5 and active[t]]]).all()
+
+
+def test_suppression_in_generation_skips_each_rows_first_token(lm, suite):
+    """Left-padded batched generation: a row's first real token sits at index > 0, and it is
+    still not edited (positions come from the model's position ids). Recorded one layer
+    later: a token's state there depends on the edit of itself and earlier tokens only."""
+    site = Site(1, "res")
+    plan = SteeringPlan([(Feature(site, j), 0.0) for j in range(F)], action="suppress")
+    runs = []
+    for p in (None, plan):
+        store, handle = _passes(lm, Site(2, "res"))
+        try:
+            generate(lm, ["I think", "The weather today"], p, 3, suite=suite, greedy=True)
+        finally:
+            handle.remove()
+        runs.append(store)
+    (base, steered) = (r[0] for r in runs)  # the prompt passes [2, T, D]
+    first = len("The weather today") - len("I think")  # row 0's first real token (left padding)
+    assert torch.equal(base[0, first], steered[0, first])
+    assert torch.equal(base[1, 0], steered[1, 0])
+    assert not torch.equal(base[0, first + 1], steered[0, first + 1])
+    assert not torch.equal(base[1, 1], steered[1, 1])
+    assert all(s.shape[1] == 1 for s in runs[1][1:])  # the cached one-token steps ran too
 
 
 # ---- hook hygiene -------------------------------------------------------------------------------
