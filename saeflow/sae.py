@@ -4,13 +4,15 @@ Convention (used everywhere in saeflow): ``W_enc`` is ``[d_in, d_sae]``, ``W_dec
 ``[d_sae, d_in]`` (one feature per row), ``b_enc`` is ``[d_sae]``, ``b_dec`` is ``[d_in]``.
 
 Encoding, for an input ``x`` of shape ``[..., d_in]``:
-  1. input normalisation: ``x <- x * input_scale``; with ``input_norm == "layer_norm"`` the
-     input is first standardised per token (OpenAI v5), and ``decode`` in ``reconstruct`` undoes it;
+  1. input normalisation: ``x <- x * input_scale``; before it, a per-token normalisation that
+     ``reconstruct`` undoes: ``input_norm == "layer_norm"`` standardises each token (OpenAI v5,
+     SAELens ``layer_norm``), ``"constant_norm"`` rescales each token to norm ``sqrt(d_in)``
+     (SAELens ``constant_norm_rescale``);
   2. ``pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc``;
   3. activation: ``relu``; ``jumprelu`` (``relu(pre) * (pre > threshold)``, per-feature
      threshold); ``topk`` (the ``k`` largest of ``relu(pre)``).
-Decoding: ``x_hat = (acts @ W_dec + b_dec) * output_scale`` (then un-standardised for
-``layer_norm`` inputs).
+Decoding: ``x_hat = (acts @ W_dec + b_dec) * output_scale`` (then the per-token normalisation
+undone, in ``reconstruct``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 from saeflow.sites import Site
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
-INPUT_NORMS = ("none", "layer_norm")
+INPUT_NORMS = ("none", "layer_norm", "constant_norm")
 
 
 class SAEFileError(ValueError):
@@ -103,6 +105,14 @@ class SAE:
 
     # ---- function ----------------------------------------------------------------------
     def _standardise(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x_normalised, shift, scale)`` with ``x = x_normalised * scale + shift``, per token,
+        for the SAE's ``input_norm`` (identity for ``"none"``)."""
+        if self.input_norm == "constant_norm":
+            scale = x.norm(dim=-1, keepdim=True) / x.shape[-1] ** 0.5
+            return x / scale, torch.zeros_like(scale), scale
+        if self.input_norm != "layer_norm":
+            one = torch.ones_like(x[..., :1])
+            return x, one * 0, one
         mu = x.mean(-1, keepdim=True)
         xc = x - mu
         std = xc.std(dim=-1, keepdim=True) + 1e-5  # unbiased, as OpenAI's and SAELens' LN
@@ -110,7 +120,7 @@ class SAE:
 
     def pre_acts(self, x: Tensor) -> Tensor:
         x = x.to(self.W_enc.dtype)
-        if self.input_norm == "layer_norm":
+        if self.input_norm != "none":
             x = self._standardise(x)[0]
         x = x * self.input_scale
         if self.apply_b_dec_to_input:
@@ -134,7 +144,7 @@ class SAE:
     def reconstruct(self, x: Tensor) -> Tensor:
         """The SAE's estimate of ``x`` in the input's own space."""
         out = self.decode(self.encode(x))
-        if self.input_norm == "layer_norm":
+        if self.input_norm != "none":
             _, mu, std = self._standardise(x.to(self.W_enc.dtype))
             out = out * std + mu
         return out

@@ -140,7 +140,9 @@ def test_llamascope_scales_and_threshold(tmp_path, pre_bias):
     s_in, s_out = math.sqrt(D) / 12.5, 7.0 / math.sqrt(D)
     xin = X - w["decoder.bias"] if pre_bias else X
     pre = (xin * s_in) @ w["encoder.weight"].T + w["encoder.bias"]
-    acts = pre * (pre > 0.3)
+    # jump_relu_threshold is in raw-input units (SAELens' reading): 0.3 * s_in in scaled units
+    acts = pre * (pre > 0.3 * s_in)
+    assert not torch.equal(acts, pre * (pre > 0.3))  # the two readings differ on this input
     assert torch.allclose(sae.encode(X), acts, atol=1e-5)
     recon = (acts @ w["decoder.weight"].T + w["decoder.bias"]) * s_out
     assert torch.allclose(sae.reconstruct(X), recon, atol=1e-5)
@@ -340,25 +342,127 @@ def test_each_folder_is_claimed_by_exactly_one_reader(tmp_path):
         assert sum(detect(t) for _, detect, _ in READERS) == 1, t
 
 
-# ---- optional cross-check with SAELens itself ----------------------------------------
-@pytest.mark.parametrize("kw", [
-    dict(activation="jumprelu", threshold=rand(F, seed=4).abs() * 0.3, apply_b_dec_to_input=True,
-         input_scale=2.0, output_scale=0.25),
-    dict(activation="topk", k=3, apply_b_dec_to_input=True, input_norm="layer_norm"),
-    dict(activation="relu"),
+# ---- SAELens folders: v6 and pre-6 configs, read as SAELens reads them ------------------
+def saelens_folder(folder, cfg, **weights):
+    w = {"W_enc": rand(D, F), "b_enc": rand(F, seed=2) * 0.1, "W_dec": rand(F, D, seed=1),
+         "b_dec": rand(D, seed=3) * 0.5, **weights}
+    write_json(folder / "cfg.json", {"d_in": D, "d_sae": F, "dtype": "float32", **cfg})
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    return w
+
+
+PRE6 = {"model_name": "gpt2", "hook_point": "blocks.3.hook_resid_post", "hook_point_layer": 3,
+        "apply_b_dec_to_input": True, "activation_fn_str": "relu", "architecture": "standard"}
+
+
+@pytest.mark.parametrize("cfg", [
+    {**PRE6, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}},  # pre-6 "standard"
+    {**PRE6, "architecture": "topk", "activation_fn_str": "topk",
+     "activation_fn_kwargs": {"k": 3}},  # sae_lens 5 TopK training: k only in the kwargs
+    {"architecture": "topk", "k": 3, "metadata": {"sae_lens_version": "6.54.12",
+                                                  "hook_name": "blocks.3.hook_resid_post"}},
 ])
-def test_saelens_agrees_with_our_reader_and_writer(tmp_path, kw):
-    sae_lens = pytest.importorskip("sae_lens")
+def test_saelens_topk_forms(tmp_path, cfg):
+    w = saelens_folder(tmp_path / "s", cfg)
+    sae = load_sae(tmp_path / "s")
+    assert sae.site == Site(3, "res") and sae.activation == "topk" and sae.k == 3
+    acts = topk_relu((X - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 3)
+    assert torch.allclose(sae.encode(X), acts, atol=1e-6)
+    assert ((sae.encode(X) > 0).sum(-1) <= 3).all()
+
+
+def test_saelens_apply_b_dec_defaults_to_true_and_old_keys(tmp_path):
+    cfg = {k: v for k, v in PRE6.items() if k != "apply_b_dec_to_input"}
+    w = saelens_folder(tmp_path / "old", {**cfg, "normalize_activations": False})
+    sae = load_sae(tmp_path / "old")
+    assert sae.apply_b_dec_to_input and sae.site == Site(3, "res")
+    assert torch.allclose(sae.encode(X), torch.relu((X - w["b_dec"]) @ w["W_enc"] + w["b_enc"]))
+    v6 = {"architecture": "standard", "metadata": {"sae_lens_version": "6.1.0",
+                                                   "hook_name": "blocks.2.attn.hook_z"}}
+    saelens_folder(tmp_path / "v6", v6)
+    assert load_sae(tmp_path / "v6").apply_b_dec_to_input
+    saelens_folder(tmp_path / "head", {**PRE6, "hook_point_head_index": 4})
+    with pytest.raises(SAEFileError, match="hook_head_index is 4"):
+        load_sae(tmp_path / "head")
+    saelens_folder(tmp_path / "tanh", {**PRE6, "activation_fn_str": "tanh-relu"})
+    with pytest.raises(SAEFileError, match="activation_fn 'tanh-relu' is not supported"):
+        load_sae(tmp_path / "tanh")
+
+
+def test_saelens_expected_average_without_factor_is_identity(tmp_path):
+    w = saelens_folder(tmp_path / "b", {**PRE6, "normalize_activations": True})
+    sae = load_sae(tmp_path / "b")
+    assert sae.input_scale == 1.0 and "identity" in sae.metadata["normalization_note"]
+    assert torch.allclose(sae.encode(X), torch.relu((X - w["b_dec"]) @ w["W_enc"] + w["b_enc"]))
+    saelens_folder(tmp_path / "f", {**PRE6, "normalize_activations": "expected_average_only_in",
+                                    "activation_norm_scaling_factor": 2.0})
+    assert load_sae(tmp_path / "f").input_scale == 2.0
+
+
+def test_saelens_topk_rescale_acts_by_decoder_norm(tmp_path):
+    W_dec = rand(F, D, seed=1) * torch.linspace(0.2, 3.0, F)[:, None]  # non-unit rows
+    cfg = {"architecture": "topk", "k": 3, "rescale_acts_by_decoder_norm": True,
+           "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.3.hook_resid_post"}}
+    w = saelens_folder(tmp_path / "s", cfg, W_dec=W_dec)
+    sae = load_sae(tmp_path / "s")
+    n = W_dec.norm(dim=1)
+    pre = ((X - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * n  # SAELens TopKSAE.encode
+    acts = topk_relu(pre, 3)
+    assert torch.allclose(sae.encode(X), acts, atol=1e-5)
+    assert torch.allclose(sae.reconstruct(X), (acts / n) @ W_dec + w["b_dec"], atol=1e-5)
+    plain = load_sae(tmp_path / "s").encode(X)
+    write_json(tmp_path / "s" / "cfg.json", {**cfg, "rescale_acts_by_decoder_norm": False,
+                                             "d_in": D, "d_sae": F})
+    assert not torch.equal((load_sae(tmp_path / "s").encode(X) > 0), plain > 0)
+
+
+def test_saelens_finetuning_scaling_factor(tmp_path):
+    s = torch.linspace(0.5, 2.0, F)
+    w = saelens_folder(tmp_path / "s", {**PRE6, "finetuning_scaling_factor": True},
+                       scaling_factor=s)
+    sae = load_sae(tmp_path / "s")
+    acts = torch.relu((X - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    assert torch.allclose(sae.encode(X), acts)
+    assert torch.allclose(sae.reconstruct(X), (acts * s) @ w["W_dec"] + w["b_dec"], atol=1e-5)
+    saelens_folder(tmp_path / "ones", PRE6, scaling_factor=torch.ones(F))
+    assert torch.equal(load_sae(tmp_path / "ones").W_dec, w["W_dec"])
+    saelens_folder(tmp_path / "off", {**PRE6, "finetuning_scaling_factor": False},
+                   scaling_factor=s)
+    with pytest.raises(SAEFileError, match="scaling_factor is not all ones"):
+        load_sae(tmp_path / "off")
+
+
+def test_saelens_constant_norm_rescale(tmp_path):
+    w = saelens_folder(tmp_path / "s", {**PRE6, "normalize_activations": "constant_norm_rescale"})
+    sae = load_sae(tmp_path / "s")
+    coeff = math.sqrt(D) / X.norm(dim=-1, keepdim=True)
+    acts = torch.relu((X * coeff - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    assert sae.input_norm == "constant_norm"
+    assert torch.allclose(sae.encode(X), acts, atol=1e-5)
+    assert torch.allclose(sae.reconstruct(X), (acts @ w["W_dec"] + w["b_dec"]) / coeff, atol=1e-5)
+    back = load_sae(save_saelens(sae, tmp_path / "back"))
+    assert json.loads((tmp_path / "back" / "cfg.json").read_text())["normalize_activations"] == \
+        "constant_norm_rescale"
+    assert torch.allclose(back.reconstruct(X), sae.reconstruct(X), atol=1e-5)
+
+
+def test_saelens_config_and_weights_must_agree(tmp_path):
+    saelens_folder(tmp_path / "s", {**PRE6, "d_in": D + 1})
+    with pytest.raises(SAEFileError, match=r"cfg.json: d_in is 7 but sae_weights.safetensors has "
+                                           r"W_enc of shape \(6, 10\)"):
+        load_sae(tmp_path / "s")
+    saelens_folder(tmp_path / "t", {**PRE6, "d_sae": 4})
+    with pytest.raises(SAEFileError, match="d_sae is 4"):
+        load_sae(tmp_path / "t")
+
+
+def test_saelens_writer_marks_hook_z(tmp_path):
     from saeflow.sae import SAE
-    ours = SAE(W_enc=rand(D, F), b_enc=rand(F, seed=2) * 0.1, W_dec=rand(F, D, seed=1),
-               b_dec=rand(D, seed=3) * 0.1, site=Site(3, "res"), **kw)
-    folder = save_saelens(ours, tmp_path / "ours")
-    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
-    with torch.no_grad():
-        feats = theirs.encode(X)
-        assert torch.allclose(feats, ours.encode(X), atol=1e-5)
-        assert torch.allclose(theirs.decode(feats), ours.reconstruct(X), atol=1e-5)
-    theirs.save_model(str(tmp_path / "theirs"))
-    back = load_sae(tmp_path / "theirs")
-    assert back.site == Site(3, "res")
-    assert torch.allclose(back.reconstruct(X), ours.reconstruct(X), atol=1e-5)
+    sae = SAE(W_enc=rand(D, F), b_enc=torch.zeros(F), W_dec=rand(F, D), b_dec=torch.zeros(D),
+              site=Site(2, "att_z"))
+    cfg = json.loads((save_saelens(sae, tmp_path / "z") / "cfg.json").read_text())
+    assert cfg["reshape_activations"] == "hook_z"
+    assert cfg["metadata"]["hook_name"] == "blocks.2.attn.hook_z"
+    cfg = json.loads((save_saelens(sae.replace(site=Site(2, "att")), tmp_path / "a")
+                      / "cfg.json").read_text())
+    assert cfg["reshape_activations"] == "none"

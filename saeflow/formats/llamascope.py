@@ -6,13 +6,16 @@ On disk (bf16): ``encoder.weight [F,d]``, ``encoder.bias [F]``, ``decoder.weight
 ``act_fn`` (``jumprelu`` with one scalar ``jump_relu_threshold``; ``relu``; ``topk`` with
 ``top_k``), ``norm_activation`` and ``dataset_average_activation_norm {in, out}``.
 
-With ``norm_activation == "dataset-wise"`` the SAE sees ``x * sqrt(d) / norm.in`` and its output
-is mapped back by ``norm.out / sqrt(d)``: these become ``SAE.input_scale`` / ``output_scale``, so
-the threshold keeps its on-disk meaning (compared with the pre-activation of the scaled input).
-``apply_decoder_bias_to_pre_encoder`` subtracts ``decoder.bias`` from the *unscaled* input; that
-is folded exactly into ``b_enc``. Choices where the files are silent: the scalar threshold is
-compared with the raw pre-activation, as SAELens' Llama Scope loader does;
-``sparsity_include_decoder_norm`` is kept in the metadata only. ``token-wise`` normalisation (a
+With ``norm_activation == "dataset-wise"`` the SAE sees ``x * s`` with ``s = sqrt(d) / norm.in``
+and its output is mapped back by ``norm.out / sqrt(d)``: these become ``SAE.input_scale`` /
+``output_scale``. ``jump_relu_threshold`` is in the units of the *raw* input, as SAELens' Llama
+Scope loader reads it (it folds ``s`` into ``W_enc`` and multiplies the threshold by ``s``; the
+authors' llamascopium loads the release through SAELens): in the scaled units saeflow computes
+in, the threshold is ``jump_relu_threshold * s`` (``s`` runs from about 0.9 to 112 across the
+release, so comparing the on-disk value with the scaled pre-activation would change which
+features fire). ``apply_decoder_bias_to_pre_encoder`` subtracts ``decoder.bias`` from the
+*unscaled* input; that is folded exactly into ``b_enc``. ``sparsity_include_decoder_norm`` is
+kept in the metadata only. ``token-wise`` normalisation (a
 per-token scale) cannot be expressed as fixed scales and is refused.
 
 Site: explicit, else the folder name (``L15R`` -> ``15/res``, ``A`` -> ``att``, ``M`` -> ``mlp``),
@@ -106,7 +109,7 @@ def load_llamascope(path: str | Path, site: Site | None = None) -> SAE:
     if act == "jumprelu":
         if "jump_relu_threshold" not in hyper:
             raise SAEFileError(f"{hfile}: act_fn is jumprelu but jump_relu_threshold is missing")
-        threshold = torch.full((F,), float(hyper["jump_relu_threshold"]))
+        threshold = torch.full((F,), float(hyper["jump_relu_threshold"]) * input_scale)
     elif act == "topk":
         k = hyper.get("top_k")
     elif act != "relu":

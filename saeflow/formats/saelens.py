@@ -1,12 +1,32 @@
 """SAELens format: ``cfg.json`` + ``sae_weights.safetensors`` in one folder per SAE.
 
-Reads SAELens v6 configs (``hook_name``, ``model_name`` under ``metadata``) and pre-6 configs
-(the same keys at top level). Architectures: ``standard`` (ReLU), ``jumprelu`` (``threshold``
-or ``log_threshold``), ``topk`` (``k``). ``normalize_activations``: ``none`` and
-``layer_norm``; ``expected_average_only_in`` needs a stored scaling factor.
+Read as SAELens 6.54 reads a folder from disk (``SAE.load_from_disk``):
+  - v6 configs (``sae_lens_version >= 6`` at top level or under ``metadata``; ``hook_name``,
+    ``model_name`` under ``metadata``) and pre-6 configs (everything at top level), converted as
+    SAELens' ``handle_pre_6_0_config`` does: ``hook_point`` is the old ``hook_name``,
+    ``activation_fn_str`` the old ``activation_fn``; ``activation_fn: topk`` with
+    ``activation_fn_kwargs.k`` is a TopK SAE whatever ``architecture`` says, and
+    ``architecture: topk`` takes ``k`` from ``activation_fn_kwargs`` too (what sae_lens 5 TopK
+    training writes); a boolean ``normalize_activations`` means ``expected_average_only_in``
+    (true) or ``none`` (false).
+  - ``apply_b_dec_to_input`` defaults to true when absent (SAELens' default in every version).
+  - architectures ``standard`` (ReLU), ``jumprelu`` (``threshold`` or ``log_threshold``),
+    ``topk`` (``k``; with ``rescale_acts_by_decoder_norm`` the pre-activations are multiplied by
+    the decoder row norms before the top-k and the activations divided by them before decoding,
+    which is folded exactly into the weights).
+  - ``normalize_activations``: ``none``; ``layer_norm`` and ``constant_norm_rescale`` (per-token,
+    ``SAE.input_norm``); ``expected_average_only_in`` applies a stored
+    ``activation_norm_scaling_factor`` and otherwise reads as the identity, as SAELens does when
+    it has no factor for the file (noted in ``metadata["normalization_note"]``).
+  - a ``scaling_factor`` / ``finetuning_scaling_factor`` tensor that is not all ones (sae_lens 5
+    finetuning scaling: ``decode(f) = (f * s) @ W_dec + b_dec``) is folded into the decoder rows;
+    SAELens refuses such a tensor when ``finetuning_scaling_factor`` is false, and so does saeflow.
+  - per-head SAEs (``hook_head_index`` set) are refused: a saeflow site is a whole hook.
+``cfg.json``'s ``d_in`` / ``d_sae`` must agree with the weights' shapes.
 
 The writer folds saeflow's input/output scales into the weights, so any SAELens-compatible
-tool computes the same function from the files.
+tool computes the same function from the files; ``att_z`` sites get ``reshape_activations:
+hook_z`` so SAELens flattens TransformerLens' ``[..., n_heads, d_head]`` ``hook_z`` input.
 """
 
 from __future__ import annotations
@@ -23,6 +43,7 @@ from saeflow.sites import Site, site_from_hook_name
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 _ARCH = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}
+_NORMS = {"layer_norm": "layer_norm", "constant_norm_rescale": "constant_norm"}
 
 
 def is_saelens_folder(path: Path) -> bool:
@@ -59,52 +80,129 @@ def need(tensors: dict, key: str, path) -> torch.Tensor:
     return tensors[key]
 
 
+def _is_v6(cfg: dict) -> bool:
+    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    try:
+        return int(str(version).split(".")[0]) >= 6
+    except ValueError:
+        return False
+
+
+def saelens_config(cfg: dict, where) -> dict:
+    """One flat view of a v6 or pre-6 ``cfg.json``, with SAELens' defaults filled in."""
+    flat = {**cfg, **(cfg.get("metadata") or {})}
+    flat.pop("metadata", None)
+    if not _is_v6(cfg):
+        for old, new in (("hook_point", "hook_name"), ("hook_point_head_index", "hook_head_index"),
+                         ("activation_fn_str", "activation_fn")):
+            if old in flat:
+                flat.setdefault(new, flat.pop(old))
+        kwargs = flat.get("activation_fn_kwargs") or {}
+        if flat.get("activation_fn") == "topk" and kwargs.get("k") is not None:
+            flat["architecture"] = "topk"
+        if flat.get("architecture") == "topk" and kwargs.get("k") is not None:
+            flat["k"] = kwargs["k"]
+        act = flat.get("activation_fn") or "relu"
+        if act not in ("relu", "topk"):
+            raise SAEFileError(f"{where}: activation_fn {act!r} is not supported (relu, topk)")
+        if isinstance(flat.get("normalize_activations"), bool):
+            flat["normalize_activations"] = ("expected_average_only_in"
+                                             if flat["normalize_activations"] else "none")
+    flat.setdefault("architecture", "standard")
+    flat.setdefault("apply_b_dec_to_input", True)
+    if flat.get("normalize_activations") is None:
+        flat["normalize_activations"] = "none"
+    return flat
+
+
+def _check_shapes(cfg: dict, W_enc: torch.Tensor, cfile, wpath) -> None:
+    if W_enc.ndim != 2:
+        raise SAEFileError(f"{wpath}: W_enc should be 2-d [d_in, d_sae], has shape "
+                           f"{tuple(W_enc.shape)}")
+    for key, got in (("d_in", W_enc.shape[0]), ("d_sae", W_enc.shape[1])):
+        want = cfg.get(key)
+        if want is not None and want != got:
+            raise SAEFileError(f"{cfile}: {key} is {want} but {wpath.name} has W_enc of shape "
+                               f"{tuple(W_enc.shape)} ([d_in, d_sae]): config and weights disagree")
+
+
+def _finetuning_scale(t: dict, cfg: dict, wpath) -> torch.Tensor | None:
+    for key in ("finetuning_scaling_factor", "scaling_factor"):
+        if key in t:
+            s = t[key].float()
+            if torch.allclose(s, torch.ones_like(s)):
+                return None
+            if cfg.get("finetuning_scaling_factor") is False:
+                raise SAEFileError(f"{wpath}: {key} is not all ones but cfg.json says "
+                                   "finetuning_scaling_factor: false")
+            return s
+    return None
+
+
 def load_saelens(folder: str | Path, site: Site | None = None) -> SAE:
     folder = Path(folder)
-    cfg = read_json(folder / CFG)
-    meta = {**cfg, **(cfg.get("metadata") or {})}
-    arch = cfg.get("architecture", "standard")
+    cfile, wpath = folder / CFG, folder / WEIGHTS
+    cfg = saelens_config(read_json(cfile), cfile)
+    arch = cfg["architecture"]
     if arch not in _ARCH:
-        raise SAEFileError(f"{folder / CFG}: architecture {arch!r} is not supported; "
+        raise SAEFileError(f"{cfile}: architecture {arch!r} is not supported; "
                            f"supported: {', '.join(_ARCH)}")
-    wpath = folder / WEIGHTS
+    if cfg.get("hook_head_index") is not None:
+        raise SAEFileError(f"{cfile}: hook_head_index is {cfg['hook_head_index']}: an SAE of one "
+                           "attention head, which is not a saeflow site")
     t = read_safetensors(wpath)
+    f32 = torch.float32
+    W_enc, b_enc = need(t, "W_enc", wpath).to(f32), need(t, "b_enc", wpath).to(f32)
+    W_dec, b_dec = need(t, "W_dec", wpath).to(f32), need(t, "b_dec", wpath).to(f32)
+    _check_shapes(cfg, W_enc, cfile, wpath)
     threshold = None
     if _ARCH[arch] == "jumprelu":
         if "threshold" in t:
-            threshold = t["threshold"]
+            threshold = t["threshold"].to(f32)
         elif "log_threshold" in t:
-            threshold = t["log_threshold"].exp()
+            threshold = t["log_threshold"].to(f32).exp()
         else:
             raise SAEFileError(f"{wpath}: a jumprelu SAE needs 'threshold' or 'log_threshold'")
-    norm = cfg.get("normalize_activations") or "none"
+    scale = _finetuning_scale(t, cfg, wpath)
+    if scale is not None:
+        if tuple(scale.shape) != (W_dec.shape[0],):
+            raise SAEFileError(f"{wpath}: scaling_factor has shape {tuple(scale.shape)}, expected "
+                               f"({W_dec.shape[0]},)")
+        W_dec = W_dec * scale[:, None]
+    if _ARCH[arch] == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        n = W_dec.norm(dim=1).clamp_min(1e-8)  # SAELens' get_W_dec_norm
+        W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+    meta = dict(cfg)
+    norm = cfg["normalize_activations"]
     input_norm, input_scale, output_scale = "none", 1.0, 1.0
-    if norm == "layer_norm":
-        input_norm = "layer_norm"
+    if norm in _NORMS:
+        input_norm = _NORMS[norm]
     elif norm == "expected_average_only_in":
-        factor = meta.get("activation_norm_scaling_factor") or meta.get("scaling_factor")
-        if factor is None:
-            raise SAEFileError(f"{folder / CFG}: normalize_activations=expected_average_only_in "
-                               "but no activation_norm_scaling_factor is stored")
-        input_scale, output_scale = float(factor), 1.0 / float(factor)
+        factor = cfg.get("activation_norm_scaling_factor")
+        if factor is None and isinstance(cfg.get("scaling_factor"), (int, float)):
+            factor = cfg["scaling_factor"]
+        if factor is not None:
+            input_scale, output_scale = float(factor), 1.0 / float(factor)
+        else:
+            meta["normalization_note"] = ("normalize_activations is expected_average_only_in but "
+                                          "no scaling factor is stored: read as the identity, "
+                                          "as SAELens does")
     elif norm != "none":
-        raise SAEFileError(f"{folder / CFG}: normalize_activations={norm!r} is not supported")
+        raise SAEFileError(f"{cfile}: normalize_activations={norm!r} is not supported (none, "
+                           "layer_norm, constant_norm_rescale, expected_average_only_in)")
     if site is None:
-        hook = meta.get("hook_name")
+        hook = cfg.get("hook_name")
         if not hook:
-            raise SAEFileError(f"{folder / CFG}: no hook_name; give the site explicitly")
+            raise SAEFileError(f"{cfile}: no hook_name; give the site explicitly")
         try:
             site = site_from_hook_name(hook)
         except ValueError as e:
-            raise SAEFileError(f"{folder / CFG}: {e}") from None
-    f32 = torch.float32
-    return SAE(W_enc=need(t, "W_enc", wpath).to(f32), b_enc=need(t, "b_enc", wpath).to(f32),
-               W_dec=need(t, "W_dec", wpath).to(f32), b_dec=need(t, "b_dec", wpath).to(f32),
-               activation=_ARCH[arch], threshold=None if threshold is None else threshold.to(f32),
-               k=cfg.get("k"), site=site,
-               apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)),
-               input_norm=input_norm, input_scale=input_scale, output_scale=output_scale,
-               metadata={k: v for k, v in meta.items() if k != "metadata"}, source=str(folder))
+            raise SAEFileError(f"{cfile}: {e}") from None
+    return SAE(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, activation=_ARCH[arch],
+               threshold=threshold, k=cfg.get("k"), site=site,
+               apply_b_dec_to_input=bool(cfg["apply_b_dec_to_input"]), input_norm=input_norm,
+               input_scale=input_scale, output_scale=output_scale, metadata=meta,
+               source=str(folder))
 
 
 def _plain_weights(sae: SAE) -> dict[str, torch.Tensor]:
@@ -131,8 +229,9 @@ def save_saelens(sae: SAE, folder: str | Path, model_name: str = "", extra: dict
         "architecture": {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}[sae.activation],
         "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": dtype, "device": "cpu",
         "apply_b_dec_to_input": apply_b,
-        "normalize_activations": "layer_norm" if sae.input_norm == "layer_norm" else "none",
-        "reshape_activations": "none",
+        "normalize_activations": {"layer_norm": "layer_norm", "constant_norm": "constant_norm_rescale",
+                                  "none": "none"}[sae.input_norm],
+        "reshape_activations": "hook_z" if sae.site.kind == "att_z" else "none",
         # sae_lens_version marks the v6 layout: without it SAELens rebuilds the metadata from
         # top-level keys (pre-6 files) and drops hook_name.
         "metadata": {"sae_lens_version": "6.0.0", "model_name": model_name,
