@@ -354,8 +354,11 @@ def _pad_id(tok) -> int:
 def generate(lm, prompt: str | Sequence[str], plan: SteeringPlan | None = None,
              max_new_tokens: int = 36, *, suite=None, samples: int = 1, seed: int = 0,
              temperature: float = 1.27, top_p: float = 0.7, greedy: bool = False,
-             batch_size: int = 8, progress: bool = False) -> list[Generation]:
+             batch_size: int = 8, progress: bool = False, streamer=None,
+             stopping_criteria=None) -> list[Generation]:
     """Continue each prompt ``samples`` times, steered by ``plan`` (needs ``suite``) or not.
+    ``streamer`` and ``stopping_criteria`` go to transformers' ``generate`` (the viewer streams
+    tokens and stops cancelled jobs with them).
 
     Rows are ``[p0, p0, ..., p1, ...]``; batch ``b`` samples with the torch seed
     ``(seed, b)``, so the same call with and without a plan draws from the same random stream.
@@ -397,7 +400,8 @@ def generate(lm, prompt: str | Sequence[str], plan: SteeringPlan | None = None,
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk],
                                 device=lm.device)
             torch.manual_seed(seed * 1_000_003 + b)
-            seqs = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+            seqs = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
+                                     streamer=streamer, stopping_criteria=stopping_criteria)
             for i, c in enumerate(chunk):
                 new = seqs[i, width:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in eos), len(new))
