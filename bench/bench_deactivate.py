@@ -65,7 +65,7 @@ def tiny_setup(layers):
 def real_setup(args, layers):
     from saeflow.corpus import load_texts
     from saeflow.models import cache_dir, load_model
-    from saeflow.suite import load_suite
+    from saeflow.catalog import load_suite
 
     starter = cache_dir() / "suites" / "smollm2-starter"
     path = args.suite or (starter if (starter / "suite.json").exists() else None)

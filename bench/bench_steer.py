@@ -25,7 +25,8 @@ from saeflow.models import cache_dir, load_model  # noqa: E402
 from saeflow.sae import SAE  # noqa: E402
 from saeflow.sites import Site  # noqa: E402
 from saeflow.steer import SteeringPlan, generate  # noqa: E402
-from saeflow.suite import Suite, load_suite  # noqa: E402
+from saeflow.catalog import load_suite  # noqa: E402
+from saeflow.suite import Suite  # noqa: E402
 
 PROMPTS = ["I think", "Let me tell you about", "Yesterday,", "The best thing"]
 

@@ -1,8 +1,7 @@
 """The ``saeflow`` command: a thin argparse mirror of the library.
 
 Each command lives in ``saeflow/commands/<name>.py`` and defines ``add(subparsers)``, which
-registers its parser and sets ``func(args) -> int``. Heavy imports happen inside ``func``, so
-``saeflow --help`` is instant.
+registers its parser and sets ``func(args) -> int``. The work happens inside ``func``.
 """
 
 from __future__ import annotations
@@ -11,18 +10,10 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["train", "quality", "atlas", "graph", "match", "deactivate", "steer", "steer_eval",
-            "themes", "contexts", "view", "demo", "info"]
+from saeflow.commands import add_model_args  # noqa: F401  (where commands used to find it)
 
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Options every command that runs a model takes."""
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="model weights dtype (default float32)")
-    p.add_argument("--model", default=None,
-                   help="override the suite's model: a preset (smollm2, gemma3-270m), a folder, "
-                        "a .gguf file or a hub id")
+COMMANDS = ["train", "quality", "atlas", "graph", "match", "permute", "prune", "deactivate",
+            "steer", "steer_eval", "themes", "contexts", "view", "demo", "info"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,6 +133,22 @@ def _vocab_strings(tokenizer, tokens: Tensor, known: dict[str, str]) -> dict[str
 
 
 @torch.no_grad()
+def context_sites(atlas, suite, sites: str | None = None) -> list:
+    """The sites of both the atlas and the suite, or the ``sites`` spec (e.g. ``10-14/res``),
+    each of which must be in both."""
+    from saeflow.sites import parse_sites
+    both = [s for s in atlas.sites if s in suite]
+    if sites:
+        wanted = parse_sites(sites, n_layers=max(atlas.layers) + 1)
+        unknown = [str(s) for s in wanted if s not in both]
+        if unknown:
+            raise ValueError(f"--sites: {', '.join(unknown)} not in both the atlas and the suite")
+        both = wanted
+    if not both:
+        raise ValueError(f"the suite {suite.name!r} has none of the atlas's sites")
+    return both
+
+
 def compute_contexts(lm, suite, atlas_dir: str | Path, settings: ContextSettings | None = None,
                      sites: Iterable[Site | str] | None = None, texts: Sequence[str] | None = None,
                      checkpoint_every: int = 16, progress: bool = True) -> Path:

@@ -28,6 +28,7 @@ from pathlib import Path
 from saeflow.io import atomic_path
 from saeflow.models import cache_dir
 from saeflow.sites import Site
+from saeflow.suite import Suite
 
 # Per-layer average_l0 of Gemma Scope 2B's canonical 16k SAEs (layers 0..25).
 _GS_L0 = {
@@ -240,7 +241,6 @@ def get_preset(name: str) -> Preset:
 def open_preset(name: str, model: str | None = None, sites=None):
     """The suite of preset ``name`` (``sites``: an optional subset, e.g. ``["12/res"]``),
     with its files found or fetched as the module docstring says."""
-    from saeflow.suite import Suite
     preset = get_preset(name)
     wanted = preset.sites() if sites is None else sorted({Site.parse(s) for s in sites})
     known = set(preset.sites())

@@ -1,14 +1,14 @@
-"""The demo's report: one self-contained HTML file (images inlined) built from the stages'
-saved results, so every number in it comes from the run that wrote the files."""
+"""The demo's report: one self-contained HTML file (images inlined) rendered from the stages'
+result objects (``SteerEvalResult``, ``DeactivationResult``, the atlas and the flow graphs), so
+every number in it comes from the run that wrote the raw files beside it."""
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
-from saeflow.atomic import write_text
+from saeflow.io import write_text
 
 CSS = """
 body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -90,11 +90,8 @@ def _graphs(graphs: dict, cfg) -> str:
     return "".join(parts)
 
 
-def _steering(out: Path, themes) -> str:
-    from saeflow.demo import slug
-    sdir = out / "steering"
-    summary = json.loads((sdir / "summary.json").read_text())
-    comp = summary["comparison"]
+def _steering(steering) -> str:
+    comp = steering.comparison
     rows = []
     for theme, c in comp.items():
         row = [theme, _pm(c["unsteered"]), _pm(c["prompting"])]
@@ -114,20 +111,20 @@ def _steering(out: Path, themes) -> str:
              + (f" ({n} generations, mean &plusmn; standard error)" if n else "") + ".</p>",
              _table(["theme", "unsteered", "prompting", "single", "best single (layer / coef)",
                      "cumulative", "best cumulative (layer / coef)"], rows, left=1),
-             _reading(comp), _img(sdir / "overview.png", "steering overview")]
-    for theme in themes:
-        res = json.loads((sdir / slug(theme) / "results.json").read_text())
-        cells = res["cells"]
-        best = {m: comp[theme][m]["cell"] for m in ("single", "cumulative") if m in comp[theme]}
+             _reading(comp), _img(steering.out / "overview.png", "steering overview")]
+    for run in steering.runs:
+        cells = {r.cell: r for r in run.results}
+        best = {m: run.comparison[m]["cell"] for m in ("single", "cumulative")
+                if m in run.comparison}
         show = [("unsteered", "unsteered"), ("prompting", "prompting")] + \
                [(f"{m} (best: {c})", c) for m, c in best.items()]
         gens = []
         for name, key in show:
-            g = cells[key]["generations"][0]
+            g = cells[key].generations[0]
             gens.append(f"<div>{_e(name)}</div><div>{_e(g['prompt'])}<b>{_e(g['text'])}</b> "
                         f"<span class='muted'>(topic {g['topic']:.2f}, coherence "
                         f"{g['coherence']:.2f})</span></div>")
-        parts.append(f"<h3>{_e(theme)}</h3>" + _img(sdir / slug(theme) / "scores.png", theme)
+        parts.append(f"<h3>{_e(run.theme)}</h3>" + _img(run.folder / "scores.png", run.theme)
                      + "<div class='gen'>" + "".join(gens) + "</div>")
     return "".join(parts)
 
@@ -162,11 +159,9 @@ def _reading(comp: dict) -> str:
             f"{names(steer, -1)}, and ties on {names(steer, 0)}.</p>")
 
 
-def _deactivation(out: Path) -> str:
-    d = out / "deactivation"
-    data = json.loads((d / "summary.json").read_text())
-    rows = [[r["strategy"], r["kind"], r["n"], r["success_rate"], r["mean_change"],
-             r["median_change"]] for r in data["summary"] if r["layer"] == "all"]
+def _deactivation(result, folder: Path) -> str:
+    rows = [[r.strategy, r.kind, r.n, r.success_rate, r.mean_change, r.median_change]
+            for r in result.summary if r.layer == "all"]
     return ("<p>At tokens where a residual feature is active, its matched predecessor (at the "
             "previous residual, this layer's MLP or attention SAE) is switched off at that token "
             "only and the rest of the forward pass is recomputed. Success: the target went to "
@@ -174,10 +169,14 @@ def _deactivation(out: Path) -> str:
             "mean change; top-1 Pearson 65% / 0.74.</p>"
             + _table(["strategy", "predecessor", "pairs", "success rate", "mean change",
                       "median change"], rows, left=2)
-            + _img(d / "success_by_layer.png", "success rate by strategy and layer"))
+            + _img(folder / "success_by_layer.png", "success rate by strategy and layer"))
 
 
-def write_report(out: Path, suite, atlas, graphs: dict, cfg, timings: dict) -> Path:
+def write_report(out: Path, suite, atlas, graphs: dict, cfg, timings: dict, steering,
+                 deactivation) -> Path:
+    """``out/report.html`` from the demo's results: ``graphs`` per theme (seed, graph, svg,
+    fires_on), ``steering`` a ``SteerEvalResult``, ``deactivation`` a ``DeactivationResult``
+    (saved under ``out/deactivation``)."""
     widths = sorted(set(atlas.widths.values()))
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     body = [
@@ -195,8 +194,9 @@ def write_report(out: Path, suite, atlas, graphs: dict, cfg, timings: dict) -> P
         "<h2>1. The SAEs</h2>", _quality(suite),
         "<h2>2. Where features come from: lineage over depth</h2>", _lineage(atlas, out),
         "<h2>3. Flow graphs of the theme seeds</h2>", _graphs(graphs, cfg),
-        "<h2>4. Do the matches hold causally?</h2>", _deactivation(out),
-        "<h2>5. Steering with whole flow graphs</h2>", _steering(out, cfg.themes),
+        "<h2>4. Do the matches hold causally?</h2>",
+        _deactivation(deactivation, out / "deactivation"),
+        "<h2>5. Steering with whole flow graphs</h2>", _steering(steering),
         "<h2>Explore</h2><p>Open the atlas in the viewer: <code>saeflow view "
         f"{_e(atlas.root)}</code>, then http://127.0.0.1:8765. Raw results are beside this "
         "file: <code>steering/</code>, <code>deactivation/</code>, <code>graphs/</code>.</p>",

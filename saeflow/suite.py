@@ -1,13 +1,13 @@
-"""A suite: a model plus one SAE per site.
+"""A suite: a model plus one SAE per site, and its reader.
 
-A suite is given as
-  - ``starter``: saeflow's own SAEs for the embedded default (trained on first use, then cached);
+On disk a suite is
   - a folder of SAE folders (each SAE's own file names its site through its hook name), with an
-    optional ``suite.json`` (``{"model": ..., "name": ..., ...}``) beside them;
+    optional ``suite.json`` (``{"model": ..., "name": ..., ...}``) beside them, or
   - a spec file (``.json`` or ``.toml``): ``{"model": "smollm2", "saes": {"12/res": "path", ...}}``
-    and/or ``"folder": "path"``; relative paths are relative to the spec file;
-  - a preset name for a public pack (see ``saeflow.presets``).
-SAEs are read lazily on first access, so a 90-site suite opens instantly.
+    and/or ``"folder": "path"``; relative paths are relative to the spec file.
+``read_suite(path)`` opens either. What other names mean (``starter``, a hub preset) is decided
+one layer up, in ``saeflow.catalog.load_suite``. SAEs are read lazily on first access, so a
+90-site suite opens instantly.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from saeflow.io import write_json_atomic
 from saeflow.formats import load_sae, save_saelens
+from saeflow.io import write_json_atomic
 from saeflow.sae import SAE, SAEFileError
 from saeflow.sites import Site
 
+if TYPE_CHECKING:
+    from saeflow.models import LM
+
 SUITE_JSON = "suite.json"
-STARTER = "starter"
 
 
 @dataclass
@@ -77,7 +80,7 @@ class Suite:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load_model(self, device: str | None = "cpu", dtype: str = "float32"):
+    def load_model(self, device: str | None = "cpu", dtype: str = "float32") -> LM:
         """Load the suite's model and check every SAE fits its site."""
         from saeflow.models import load_model
         if not self.model:
@@ -86,7 +89,7 @@ class Suite:
         self.check_widths(lm)
         return lm
 
-    def check_widths(self, lm) -> None:
+    def check_widths(self, lm: LM) -> None:
         """Raise if any SAE's input width does not fit the model's site."""
         for site in self.sites():
             sae = self[site]
@@ -132,13 +135,9 @@ def _scan_folder(folder: Path) -> dict[Site, Path]:
     return found
 
 
-def load_suite(spec: str | Path, model: str | None = None) -> Suite:
-    """Open a suite (see the module docstring for the forms ``spec`` takes)."""
-    spec_s = str(spec)
-    if spec_s in (STARTER, "smollm2-starter"):
-        from saeflow.train import ensure_starter_suite
-        return load_suite(ensure_starter_suite(), model=model)
-    path = Path(spec_s).expanduser()
+def read_suite(path: str | Path, model: str | None = None) -> Suite:
+    """Open a suite folder or spec file (module docstring); ``model`` overrides its model."""
+    path = Path(path).expanduser()
     if path.is_dir():
         info = {}
         if (path / SUITE_JSON).exists():
@@ -154,17 +153,20 @@ def load_suite(spec: str | Path, model: str | None = None) -> Suite:
                      name=info.get("name", path.name), root=path, info=info)
     if path.suffix in (".json", ".toml") and path.exists():
         data = _read_spec(path)
-        paths: dict[Site, Path] = {}
+        paths: dict[Site, Path | None] = {}
         if "folder" in data:
-            paths.update(load_suite(path.parent / data["folder"]).paths)
+            paths.update(read_suite(path.parent / data["folder"]).paths)
         for site, p in (data.get("saes") or {}).items():
             paths[Site.parse(site)] = (path.parent / p).resolve()
         if not paths:
             raise ValueError(f"{path}: a suite spec needs 'saes' (site -> path) or 'folder'")
         return Suite(paths=paths, model=model or data.get("model"), name=data.get("name", path.stem),
                      root=path.parent, info=data)
-    from saeflow import presets
-    if spec_s in presets.PRESETS:
-        return presets.open_preset(spec_s, model=model)
-    raise FileNotFoundError(f"suite {spec_s!r} is not 'starter', an existing folder, a .json/.toml "
-                            f"spec file, or a preset ({', '.join(presets.PRESETS)})")
+    raise FileNotFoundError(f"suite {str(path)!r} is not an existing folder or .json/.toml spec "
+                            "file")
+
+
+def is_suite_path(spec: str | Path) -> bool:
+    """Whether ``spec`` names a suite folder or spec file on this machine."""
+    path = Path(spec).expanduser()
+    return path.is_dir() or (path.suffix in (".json", ".toml") and path.exists())

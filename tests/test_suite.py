@@ -13,7 +13,8 @@ from saeflow.cli import main
 from saeflow.formats import load_sae, save_saelens
 from saeflow.presets import PRESETS, Pack, Preset, PresetUnavailable, open_preset, preset_dir
 from saeflow.sae import SAE, SAEFileError
-from saeflow.suite import Suite, load_suite
+from saeflow.catalog import load_suite
+from saeflow.suite import Suite
 from saeflow.sites import Site
 
 

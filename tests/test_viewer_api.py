@@ -468,11 +468,10 @@ def test_contexts_resume_after_an_interruption(setup, tmp_path, monkeypatch):
 # ---- the command -------------------------------------------------------------------------------
 def test_view_command_resolves_atlases(setup, tmp_path, capsys):
     from saeflow.cli import main
-    from saeflow.commands.view import resolve_atlas, steering_loader
-    atlas, suite = resolve_atlas(str(setup[0].root))
+    from saeflow.catalog import find_atlas, model_loader
+    atlas, suite = find_atlas(str(setup[0].root))
     assert atlas.root == setup[0].root and suite is None
-    load, why = steering_loader(atlas, None, None, type("A", (), {"no_steering": False,
-                                                                  "model": None})())
+    load, why = model_loader(atlas, None, None, model=None)
     assert load is None and "--suite" in why  # the planted suite lives in memory only
     assert main(["view", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
@@ -484,7 +483,7 @@ def test_contexts_command_end_to_end(setup, tmp_path, capsys):
     from saeflow.atlas import compute_atlas
     from saeflow.cli import main
     from saeflow.contexts import Contexts
-    from saeflow.suite import load_suite
+    from saeflow.catalog import load_suite
     _, suite, lm, _ = setup
     lm.model.save_pretrained(tmp_path / "model")
     tok = byte_tokenizer()

@@ -1,0 +1,41 @@
+"""The ``saeflow`` subcommands, one module each: ``add(subparsers)`` registers the parser and
+``run(args)`` parses the arguments into a config, calls the library or a recipe
+(``saeflow.recipes``, ``saeflow.catalog``) and prints. Parsers take their defaults from the
+config dataclasses, so the CLI and the library cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options every command that runs a model takes."""
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model weights dtype (default float32)")
+    p.add_argument("--model", default=None,
+                   help="override the suite's model: a preset (smollm2, gemma3-270m), a folder, "
+                        "a .gguf file or a hub id")
+
+
+def from_args(cls, args: argparse.Namespace, **values):
+    """An instance of dataclass ``cls`` from the namespace attributes named like its fields
+    (``values`` first)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    picked = {k: v for k, v in vars(args).items() if k in names and k not in values}
+    return cls(**picked, **values)
+
+
+def numbers(text: str, what: str, kind=float) -> tuple:
+    """Comma-separated numbers (``kind``: float or int), with an error naming the option."""
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise ValueError(f"{what}: expected comma-separated {noun}, got {text!r}") from None
+
+
+def joined(values) -> str:
+    """A tuple default as the comma-separated text an option takes."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)

@@ -4,14 +4,14 @@ and write the stacked lineage plot."""
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
+
+from saeflow.commands import add_model_args
+from saeflow.recipes.atlas import AtlasOptions
 
 
 def add(subparsers) -> None:
-    from saeflow.cli import add_model_args
-
+    d = AtlasOptions()
     p = subparsers.add_parser(
         "atlas", help="match every feature across layers and classify its lineage",
         description="Data-free flow atlas of a suite: top-k decoder-cosine matches of each "
@@ -20,17 +20,18 @@ def add(subparsers) -> None:
     p.add_argument("suite", help="'starter', a suite folder, a .json/.toml spec or a preset")
     p.add_argument("--out", default=None,
                    help="atlas folder (default: the cache, ~/.cache/saeflow/atlases/<suite name>)")
-    p.add_argument("--thresholds", default=None,
+    p.add_argument("--thresholds", default=d.thresholds,
                    help="override the null rule: a number (all scores), res=0.5,mlp=0.2,att=0.2, "
                         "or a .json file with per-layer values {\"12\": 0.4, ...}")
-    p.add_argument("--quantile", type=float, default=0.99,
-                   help="quantile of the rotated-decoder null that counts as high (default 0.99)")
-    p.add_argument("--k", type=int, default=5, help="matches stored per feature (default 5)")
-    p.add_argument("--block", type=int, default=4096, help="tile size of the blocked matmul")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--quantile", type=float, default=d.quantile,
+                   help="quantile of the rotated-decoder null that counts as high (default "
+                        "%(default)s)")
+    p.add_argument("--k", type=int, default=d.k, help="matches stored per feature (%(default)s)")
+    p.add_argument("--block", type=int, default=d.block, help="tile size of the blocked matmul")
+    p.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
                    help="matmul precision for the shortlist (results are exact fp32 either way)")
-    p.add_argument("--null-samples", type=int, default=2048,
-                   help="features sampled per layer for the null distribution (default 2048)")
+    p.add_argument("--null-samples", type=int, default=d.null_samples,
+                   help="features sampled per layer for the null distribution (%(default)s)")
     p.add_argument("--no-labels", action="store_true",
                    help="skip promoted-token labels (then no model is loaded unless att_z SAEs "
                         "need it)")
@@ -40,32 +41,16 @@ def add(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saeflow.atlas import compute_atlas, ensure_atlas
-    from saeflow.lineage import fraction_table, parse_threshold_spec, plot_fractions
-    from saeflow.suite import load_suite
+    from saeflow.catalog import load_suite
+    from saeflow.lineage import fraction_table, plot_fractions
+    from saeflow.recipes.atlas import atlas_model, build_atlas
 
-    override = parse_threshold_spec(args.thresholds)
+    opts = AtlasOptions(k=args.k, block=args.block, precision=args.precision,
+                        null_samples=args.null_samples, quantile=args.quantile,
+                        thresholds=args.thresholds, labels=not args.no_labels)
     suite = load_suite(args.suite, model=args.model)
-    needs_model = any(s.kind == "att_z" for s in suite.sites())
-    lm = None
-    if needs_model or not args.no_labels:
-        if suite.model:
-            lm = suite.load_model(device=args.device, dtype=args.dtype)
-        elif needs_model:
-            raise ValueError(f"suite {suite.name!r} has att_z SAEs, which need the model's W_O, "
-                             "but names no model: pass --model")
-        else:
-            print("saeflow atlas: the suite names no model, so labels are skipped "
-                  "(pass --model to add them)", file=sys.stderr)
-    kw = dict(k=args.k, block=args.block, precision=args.precision,
-              null_samples=args.null_samples, labels=not args.no_labels,
-              quantile=args.quantile, thresholds=override)
-    t0 = time.perf_counter()
-    if args.out:
-        atlas = compute_atlas(suite, args.out, lm, **kw)
-    else:
-        atlas = ensure_atlas(suite, lm, **kw)
-    seconds = time.perf_counter() - t0
+    lm = atlas_model(suite, opts.labels, device=args.device, dtype=args.dtype)
+    atlas, seconds = build_atlas(suite, opts, lm, out=args.out)
     fr = atlas.class_fractions()
     s = atlas.info["settings"]
     print(f"atlas of {suite.name} ({len(atlas.sites)} sites, layers {atlas.layers[0]}.."

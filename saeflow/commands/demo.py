@@ -2,36 +2,38 @@
 
 from __future__ import annotations
 
+from saeflow.commands import add_model_args
+from saeflow.demo import DEFAULT_THEMES, DemoConfig
+
 
 def add(subparsers) -> None:
-    from saeflow.cli import add_model_args
-    from saeflow.demo import DEFAULT_THEMES
+    d = DemoConfig()
     p = subparsers.add_parser(
         "demo", help="run the whole method on the embedded default and write an HTML report",
         description="Trains the SmolLM2 starter suite if it is not cached, computes the atlas, "
                     "finds seed features for a few themes, traces their flow graphs, runs a "
                     "small causal check and a small steering comparison, and writes "
                     "OUT/report.html plus the raw results. Re-running reuses everything cached.")
-    p.add_argument("--out", default="saeflow-demo", help="output folder (default ./saeflow-demo)")
-    p.add_argument("--suite", default="starter",
+    p.add_argument("--out", default=d.out, help="output folder (default ./%(default)s)")
+    p.add_argument("--suite", default=d.suite,
                    help="suite: 'starter' (default), a folder, a spec file or a preset")
     p.add_argument("--theme", action="append", default=None,
                    help=f"a theme (repeatable; default: {', '.join(DEFAULT_THEMES)})")
     p.add_argument("--quick", action="store_true",
                    help="a four-layer suite trained on few tokens and tiny stages (for CI)")
-    p.add_argument("--res-threshold", type=float, default=0.3,
-                   help="flow graphs: stop the residual chain below this cosine (0.3; the paper's "
-                        "0.5 suits Gemma Scope, the starter suite's matches are weaker)")
-    p.add_argument("--block-threshold", type=float, default=0.2,
-                   help="flow graphs: drop MLP/attention nodes below this cosine (0.2)")
+    p.add_argument("--res-threshold", type=float, default=d.res_threshold,
+                   help="flow graphs: stop the residual chain below this cosine (%(default)s; the "
+                        "paper's 0.5 suits Gemma Scope, the starter suite's matches are weaker)")
+    p.add_argument("--block-threshold", type=float, default=d.block_threshold,
+                   help="flow graphs: drop MLP/attention nodes below this cosine (%(default)s)")
     add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from saeflow.demo import DEFAULT_THEMES, DemoConfig, run_demo
-    cfg = DemoConfig(out=args.out, suite=args.suite, model=args.model,
-                     themes=tuple(args.theme or (DEFAULT_THEMES[:1] if args.quick else DEFAULT_THEMES)),
+    from saeflow.demo import run_demo
+    themes = args.theme or (DEFAULT_THEMES[:1] if args.quick else DEFAULT_THEMES)
+    cfg = DemoConfig(out=args.out, suite=args.suite, model=args.model, themes=tuple(themes),
                      quick=args.quick, device=args.device, dtype=args.dtype,
                      res_threshold=args.res_threshold, block_threshold=args.block_threshold)
     result = run_demo(cfg)

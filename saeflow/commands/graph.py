@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 
-def add(subparsers) -> None:
-    from saeflow.export import FORMATS
+from saeflow.export import FORMATS
+from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD
 
+
+def add(subparsers) -> None:
     p = subparsers.add_parser(
         "graph", help="trace a feature's flow graph over all layers",
         description="Trace a feature's ancestors and descendants through an atlas (pruned: the "
@@ -19,10 +21,10 @@ def add(subparsers) -> None:
     p.add_argument("feature", help="LAYER/KIND/INDEX, e.g. 12/res/4111")
     p.add_argument("--format", default="json", choices=FORMATS, help="output format (json)")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
-    p.add_argument("--res-threshold", type=float, default=0.5,
-                   help="stop the residual chain below this cosine (default 0.5)")
-    p.add_argument("--block-threshold", type=float, default=0.15,
-                   help="drop mlp/att predecessors below this cosine (default 0.15)")
+    p.add_argument("--res-threshold", type=float, default=RES_THRESHOLD,
+                   help="stop the residual chain below this cosine (default %(default)s)")
+    p.add_argument("--block-threshold", type=float, default=BLOCK_THRESHOLD,
+                   help="drop mlp/att predecessors below this cosine (default %(default)s)")
     p.add_argument("--no-children", action="store_true",
                    help="forward: follow only each feature's best successor, not every feature "
                         "of the next layer that chose it as predecessor")
@@ -30,20 +32,11 @@ def add(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def open_atlas(spec: str):
-    """An atlas folder, or a suite spec whose cached atlas is used (computed if missing)."""
-    from saeflow.atlas import ATLAS_JSON, Atlas, ensure_atlas
-    from saeflow.suite import load_suite
-
-    path = Path(spec).expanduser()
-    if (path / ATLAS_JSON).exists():
-        return Atlas.load(path)
-    return ensure_atlas(load_suite(spec))
-
-
 def run(args: argparse.Namespace) -> int:
+    from saeflow.catalog import open_atlas
     from saeflow.export import render
     from saeflow.flow import trace
+    from saeflow.io import write_bytes, write_text
 
     atlas = open_atlas(args.atlas)
     graph = trace(atlas, args.feature, args.res_threshold, args.block_threshold,
@@ -51,13 +44,7 @@ def run(args: argparse.Namespace) -> int:
     data = render(graph, args.format)
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data)
-        tmp.replace(out)
+        (write_bytes if isinstance(data, bytes) else write_text)(out, data)
         print(f"{len(graph.nodes)} nodes, {len(graph.edges)} edges -> {out}", file=sys.stderr)
     elif isinstance(data, bytes):
         if sys.stdout.isatty():

@@ -77,7 +77,7 @@ def run(args) -> int:
                 print(f"{k:13s}{v}")
             print("(files are fetched on first use; see `saeflow.presets` for where they go)")
         return 0
-    from saeflow.suite import load_suite
+    from saeflow.catalog import load_suite
     suite = load_suite(target)
     rows = []
     for site in suite.sites():

@@ -7,12 +7,12 @@ import argparse
 import csv
 import sys
 
-from saeflow.atomic import atomic_path
+from saeflow.commands import add_model_args
+from saeflow.io import atomic_path
+from saeflow.match import DEFAULT_BLOCK
 
 
 def add(subparsers) -> None:
-    from saeflow.cli import add_model_args
-
     p = subparsers.add_parser(
         "match", help="match the features of two SAEs (cosine top-k or permutation)",
         description="Data-free matching of two SAEs: for each feature of A its top-k decoder "
@@ -28,7 +28,8 @@ def add(subparsers) -> None:
     p.add_argument("--solver", default="auto", choices=["auto", "dense", "sparse"],
                    help="permutation solver (auto: dense up to 20k features)")
     p.add_argument("--knn", type=int, default=16, help="sparse solver: neighbours per feature")
-    p.add_argument("--block", type=int, default=4096, help="tile size of the blocked matmul")
+    p.add_argument("--block", type=int, default=DEFAULT_BLOCK,
+                   help="tile size of the blocked matmul")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--out", default=None, help="write the matches as CSV to this file")
     add_model_args(p)
@@ -41,7 +42,7 @@ def _open(args):
     from saeflow.sites import Site
 
     if args.suite:
-        from saeflow.suite import load_suite
+        from saeflow.catalog import load_suite
         suite = load_suite(args.suite, model=args.model)
         sites = [Site.parse(args.a), Site.parse(args.b)]
         lm = None

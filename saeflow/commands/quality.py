@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from saeflow.commands import add_model_args
+
 
 def add(subparsers) -> None:
-    from saeflow.cli import add_model_args
     p = subparsers.add_parser(
         "quality", help="evaluate every SAE of a suite on held-out text",
         description="Per SAE on held-out text: FVU, L0, dead fraction and LM loss recovered "
@@ -33,7 +34,9 @@ def add(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from saeflow import quality
     from saeflow.sites import parse_sites
-    from saeflow.suite import SUITE_JSON, load_suite, write_json_atomic
+    from saeflow.catalog import load_suite
+    from saeflow.io import write_json_atomic
+    from saeflow.suite import SUITE_JSON
     suite = load_suite(args.suite, model=args.model)
     if args.cached:
         rows = quality.rows_from_json(suite.info.get("quality") or [])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from saeflow.commands import add_model_args
+
 
 def add(subparsers) -> None:
-    from saeflow.cli import add_model_args
     p = subparsers.add_parser(
         "themes", help="find the features of a theme (e.g. weddings)",
         description="Rank the features of one site by how much more they fire on theme text "
@@ -31,9 +32,10 @@ def add(subparsers) -> None:
 def run(args) -> int:
     import json
 
-    from saeflow.commands.steer import open_suite, read_examples
+    from saeflow.catalog import open_suite
+    from saeflow.recipes.steering import read_examples
     from saeflow.themes import build_theme, rank_features
-    suite, lm = open_suite(args)
+    suite, lm = open_suite(args.suite, args.model, args.device, args.dtype)
     atlas = None
     if args.atlas:
         from saeflow.atlas import Atlas

@@ -7,9 +7,10 @@ import dataclasses
 import hashlib
 import json
 
+from saeflow.commands import add_model_args
+
 
 def add(subparsers) -> None:
-    from saeflow.cli import add_model_args
     p = subparsers.add_parser(
         "train", help="train TopK SAEs at many sites while streaming text through the model",
         description="Train one TopK SAE per site (streaming, no activation cache). With no "

@@ -8,6 +8,7 @@ import math
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD
 from saeflow.sites import Feature
 
 bp = Blueprint("saeflow_api", __name__)
@@ -84,8 +85,8 @@ def feature_id(text_id: str) -> Feature:
 
 
 def thresholds(source: dict) -> tuple[float, float]:
-    return (number(source, "res_threshold", 0.5, 0.0, 1.0),
-            number(source, "block_threshold", 0.15, 0.0, 1.0))
+    return (number(source, "res_threshold", RES_THRESHOLD, 0.0, 1.0),
+            number(source, "block_threshold", BLOCK_THRESHOLD, 0.0, 1.0))
 
 
 def max_nodes(source: dict) -> int:

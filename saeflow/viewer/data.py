@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD
 from saeflow.sites import Feature, Site
 
 MAX_HITS = 20_000
@@ -181,6 +182,9 @@ class AtlasView:
                          ("tokens_trained", "wall_seconds", "source") if k in suite["training"]}
             if isinstance(suite.get("training"), dict) else {},
             "export_formats": list(self.export_formats),
+            "graph_defaults": {"res_threshold": RES_THRESHOLD,
+                               "block_threshold": BLOCK_THRESHOLD,
+                               "max_nodes": MAX_GRAPH_NODES},
         }
 
     # ---- search ------------------------------------------------------------------------------
@@ -362,7 +366,8 @@ class AtlasView:
                 "next": str(f.site.feature(f.index + 1)) if f.index + 1 < width else None}
 
     # ---- graphs -------------------------------------------------------------------------------
-    def graph(self, f: Feature, res_threshold: float = 0.5, block_threshold: float = 0.15,
+    def graph(self, f: Feature, res_threshold: float = RES_THRESHOLD,
+              block_threshold: float = BLOCK_THRESHOLD,
               max_nodes: int = MAX_GRAPH_NODES):
         """The traced flow graph (cached); it stops growing at ``max_nodes`` (then its
         ``settings["truncated"]`` is true): larger graphs are slow to trace and unreadable."""

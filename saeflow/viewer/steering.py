@@ -5,10 +5,9 @@ optionally a subset of that graph's nodes picked on the page (or any features of
 The plan is built while the request is answered (no model needed, so a bad plan is a 400); the
 job then loads the model on first use, resolves magnitudes, and generates the unsteered and the
 steered continuation with the same random seed, one after the other. While a continuation runs,
-its text grows on the job: a forward pre-hook on the model sees each sampled token as the input
-of the next step (the last token appears when generation returns); the hook is removed when
-the continuation ends, and it stops generation at once when the job is cancelled (the viewer
-is shutting down).
+its text grows on the job through a transformers streamer, and a stopping criterion ends the
+generation at the next token when the job is cancelled (the viewer is shutting down); neither
+touches the model's hooks.
 
 Magnitude default: ``res_norm`` (a coefficient is a fraction of the layer's typical residual
 norm, as in ``saeflow steer``) when corpus text is available to measure norms, else ``none``.
@@ -20,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD
 from saeflow.sites import Feature
 from saeflow.viewer.jobs import Job, Worker
 
@@ -31,8 +31,8 @@ class SteerRequest:
     prompt: str
     features: list[Feature] = field(default_factory=list)
     seed: Feature | None = None
-    res_threshold: float = 0.5
-    block_threshold: float = 0.15
+    res_threshold: float = RES_THRESHOLD
+    block_threshold: float = BLOCK_THRESHOLD
     action: str = "activate"
     mode: str = "cumulative"
     layer: int | None = None
@@ -136,7 +136,7 @@ class SteeringService:
     def _texts_for_magnitudes(self) -> list[str]:
         if self._texts is None:
             try:  # the same held-out sample `saeflow steer` measures magnitudes on
-                from saeflow.commands.steer import magnitude_texts
+                from saeflow.recipes.steering import magnitude_texts
                 self._texts = magnitude_texts("default", n=MAGNITUDE_TEXTS)
             except (ImportError, OSError, ValueError):  # no corpus installed: raw rows
                 self._texts = []
@@ -164,39 +164,47 @@ class SteeringService:
         kwargs = dict(max_new_tokens=req.max_new_tokens, seed=req.random_seed,
                       temperature=req.temperature, top_p=req.top_p, greedy=req.greedy)
         for i, (key, p) in enumerate((("unsteered", None), ("steered", plan))):
-            with _streaming(lm, job, key, offset=i * req.max_new_tokens,
-                            total=2 * req.max_new_tokens):
-                out = generate(lm, req.prompt, p, suite=suite if p is not None else None, **kwargs)
+            job.check()
+            stream = _JobStream(lm, job, key, offset=i * req.max_new_tokens,
+                                total=2 * req.max_new_tokens)
+            out = generate(lm, req.prompt, p, suite=suite if p is not None else None,
+                           streamer=stream, stopping_criteria=_cancel_criteria(job), **kwargs)
+            job.check()  # a cancelled generation stopped early: report it as cancelled
             job.update(**{key: out[0].text})
         job.update(progress={"done": 2 * req.max_new_tokens, "total": 2 * req.max_new_tokens,
                              "phase": "done"})
 
 
-class _streaming:
-    """Context manager: a forward pre-hook on the model that appends each sampled token (seen
-    as the input of the next decoding step) to ``job.data[key]``."""
+def _cancel_criteria(job: Job):
+    """Stopping criteria that end generation at the next token once ``job`` is cancelled."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), job.cancelled, dtype=torch.bool,
+                              device=input_ids.device)
+    return StoppingCriteriaList([Cancelled()])
+
+
+class _JobStream:
+    """A transformers streamer (``put``/``end``) that appends each generated token to
+    ``job.data[key]`` and reports progress. ``generate`` first puts the prompt: skipped."""
 
     def __init__(self, lm, job: Job, key: str, offset: int, total: int):
         self.lm, self.job, self.key, self.offset, self.total = lm, job, key, offset, total
         self.ids: list[int] = []
-        self.calls = 0
-        self.handle = None
+        self._prompt_seen = False
+        job.update(progress={"done": offset, "total": total, "phase": key})
 
-    def _hook(self, module, args, kwargs):
-        self.job.check()  # raising here stops generate() at once
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self.calls += 1
-        if self.calls > 1 and ids is not None and ids.ndim == 2:
-            self.ids.append(int(ids[0, -1]))
-            self.job.update(**{self.key: self.lm.tokenizer.decode(self.ids,
-                                                                   skip_special_tokens=True)})
-        self.job.update(progress={"done": self.offset + self.calls - 1, "total": self.total,
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.ids.extend(int(x) for x in value.reshape(-1).tolist())
+        self.job.update(**{self.key: self.lm.tokenizer.decode(self.ids, skip_special_tokens=True)},
+                        progress={"done": self.offset + len(self.ids), "total": self.total,
                                   "phase": self.key})
 
-    def __enter__(self):
-        self.handle = self.lm.model.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        return False
+    def end(self) -> None:
+        pass

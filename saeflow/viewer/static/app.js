@@ -198,7 +198,9 @@
       return;
     }
     const p = params(q);
-    const rt = p.get("res_threshold") || "0.5", bt = p.get("block_threshold") || "0.15";
+    const gd = (await overview()).graph_defaults;  // the library's defaults (saeflow.flow)
+    const rt = p.get("res_threshold") || String(gd.res_threshold);
+    const bt = p.get("block_threshold") || String(gd.block_threshold);
     if (state.pickSeed !== id) { state.picked = new Set(); state.pickSeed = id; }
     app.textContent = "";
     const box = h("div", { id: "graph-box" });
@@ -277,7 +279,8 @@
     app.append(box);
     if (seed) {
       const picked = state.pickSeed === seed ? [...state.picked] : [];
-      steerPanel(box, { seed, picked: () => picked, thresholds: () => [p.get("res_threshold") || 0.5, p.get("block_threshold") || 0.15] });
+      steerPanel(box, { seed, picked: () => picked, thresholds: () => [p.get("res_threshold") || o.graph_defaults.res_threshold,
+        p.get("block_threshold") || o.graph_defaults.block_threshold] });
     }
   }
   function themeFinder() {
