@@ -8,13 +8,15 @@ gives both directions:
   - predecessors of R_L's features in R_{L-1}, M_L and A_L (top-k; top-1 cosine = s(R), s(M),
     s(A));
   - successors: for each feature of R_{L-1}, M_L and A_L, its best matches in R_L;
-plus null samples for the per-layer thresholds (``lineage.null_scores``). The attention source
-is ``L/att`` when the suite has it, else ``L/att_z`` mapped through W_O.
+plus null samples for the per-layer thresholds (``saeflow.nulls``: Gaussian and rotation
+always, reference when a reference suite is given). The attention source is ``L/att`` when the
+suite has it, else ``L/att_z`` mapped through W_O. Thresholds, lineage classes and share curves
+come from ``saeflow.thresholds`` (``LineageMixin``) and change without recomputing.
 
 On disk (``out_dir``), columnar and memory-mapped on load:
   layers/012/pred_{res,mlp,att}_{idx,cos}.npy   [F_L, k] int32 / float32
   layers/012/succ_{res,mlp,att}_{idx,cos}.npy   [F_source, k]
-  layers/012/null_{res,mlp,att}.npy             [n] float32
+  layers/012/null_{gaussian,rotation,reference}_{res,mlp,att}.npy   [n] float32
   layers/012/lineage.npy                        [F_L] uint8 (index into lineage.CLASSES)
   layers/012/part.json                          sources, widths, timing
   labels/12-res.bin + labels/12-res.off.npy     promoted tokens (utf-8, \\x1f-separated)
@@ -36,9 +38,11 @@ from pathlib import Path
 import numpy as np
 
 from saeflow.io import atomic_path, file_lock, temp_dir, write_bytes, write_json_atomic
-from saeflow.lineage import (CLASSES, DEFAULT_NULL_SAMPLES, DEFAULT_QUANTILE, SCORE_KINDS,
-                             classify, fractions, null_scores, resolve_thresholds)
+from saeflow.lineage import (DEFAULT_MIN_COS, DEFAULT_NULL, DEFAULT_NULL_SAMPLES,
+                             DEFAULT_QUANTILE, SCORE_KINDS)
+from saeflow.nulls import gaussian_directions, null_scores
 from saeflow.sites import Feature, Site
+from saeflow.thresholds import LineageMixin
 
 SCHEMA = "saeflow.atlas/1"
 ATLAS_JSON = "atlas.json"
@@ -81,10 +85,13 @@ def _fingerprint(suite) -> dict:
             "info": json.loads(json.dumps(suite.info, default=str)), "files": files}
 
 
-def _settings(suite, k, null_samples, seed, label_tokens) -> dict:
+def _settings(suite, k, null_samples, seed, label_tokens, null_suite=None) -> dict:
     """What the stored parts depend on (a folder computed with other values is not reused)."""
+    nulls = ["gaussian", "rotation"] + (["reference"] if null_suite is not None else [])
     return json.loads(json.dumps({"k": k, "null_samples": null_samples, "seed": seed,
-                                  "label_tokens": label_tokens,
+                                  "label_tokens": label_tokens, "nulls": nulls,
+                                  "null_reference": None if null_suite is None else
+                                  _fingerprint(null_suite),
                                   "fingerprint": _fingerprint(suite)}, default=str))
 
 
@@ -106,10 +113,13 @@ def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
                   block: int = 4096, precision: str = "auto",
                   null_samples: int = DEFAULT_NULL_SAMPLES, quantile: float = DEFAULT_QUANTILE,
                   thresholds=None, labels: bool = True, label_tokens: int = 6, seed: int = 0,
-                  progress: bool = True) -> Atlas:
+                  progress: bool = True, null: str = DEFAULT_NULL,
+                  min_cos: float = DEFAULT_MIN_COS, null_suite=None, calibration=None) -> Atlas:
     """Compute (or resume) the atlas of ``suite`` into ``out_dir`` (module docstring). Labels
-    need ``lm``; without it they are skipped. ``thresholds`` overrides the null rule (see
-    ``lineage.resolve_thresholds``)."""
+    need ``lm``; without it they are skipped. The threshold rule: ``null`` (gaussian, rotation,
+    or reference, which needs ``null_suite``: SAEs of the same residual sites trained with
+    another seed), ``quantile``, ``min_cos``, a ``thresholds.Calibration`` and ``thresholds``
+    overrides (see ``lineage.resolve_thresholds``)."""
     out = Path(out_dir)
     sites = suite.sites()
     sources = layer_sources(sites)
@@ -124,12 +134,30 @@ def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
                          "them needs the model's W_O: pass lm= (the CLI loads the suite's model)")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    settings = _settings(suite, k, null_samples, seed, label_tokens)
+    _check_null(suite, sources, null, null_suite)
+    settings = _settings(suite, k, null_samples, seed, label_tokens, null_suite)
     out.mkdir(parents=True, exist_ok=True)
+    rule = dict(quantile=quantile, thresholds=thresholds, null=null, min_cos=min_cos,
+                calibration=calibration)
     with _exclusive(out):
-        return _compute(suite, out, lm, settings, k=k, block=block, precision=precision,
-                        null_samples=null_samples, quantile=quantile, thresholds=thresholds,
-                        labels=labels, label_tokens=label_tokens, seed=seed, progress=progress)
+        return _compute(suite, out, lm, settings, rule, k=k, block=block, precision=precision,
+                        null_samples=null_samples, labels=labels, label_tokens=label_tokens,
+                        seed=seed, progress=progress, null_suite=null_suite)
+
+
+def _check_null(suite, sources, null: str, null_suite) -> None:
+    from saeflow.nulls import NULLS
+    if null not in NULLS:
+        raise ValueError(f"unknown null {null!r}; known: {', '.join(NULLS)}")
+    if null == "reference" and null_suite is None:
+        raise ValueError("the reference null needs null_suite: SAEs of the same residual sites "
+                         "trained with another seed")
+    if null_suite is not None:
+        missing = [f"{L}/res" for L in sources if Site(L, "res") not in null_suite]
+        if missing:
+            raise ValueError(f"the reference suite {null_suite.name!r} has no SAE at "
+                             f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}; "
+                             "it needs every residual site of the atlas")
 
 
 @contextmanager
@@ -139,8 +167,8 @@ def _exclusive(out: Path):
         yield
 
 
-def _compute(suite, out: Path, lm, settings: dict, *, k, block, precision, null_samples,
-             quantile, thresholds, labels, label_tokens, seed, progress) -> Atlas:
+def _compute(suite, out: Path, lm, settings: dict, rule: dict, *, k, block, precision,
+             null_samples, labels, label_tokens, seed, progress, null_suite) -> Atlas:
     from tqdm.auto import tqdm
 
     from saeflow.match import Operand, resolve_precision, residual_decoder
@@ -149,8 +177,8 @@ def _compute(suite, out: Path, lm, settings: dict, *, k, block, precision, null_
     if (out / SETTINGS_JSON).exists():
         if json.loads((out / SETTINGS_JSON).read_text()) != settings:
             raise ValueError(f"{out} holds an atlas of another suite or other settings "
-                             f"(k, null_samples, seed, label_tokens); delete it or pick another "
-                             "output folder")
+                             f"(k, null_samples, seed, label_tokens, nulls); delete it or pick "
+                             "another output folder")
     else:
         write_json_atomic(out / SETTINGS_JSON, settings)
     for stale in out.glob(".[0-9][0-9][0-9].*"):  # layer folders of an interrupted run
@@ -175,7 +203,7 @@ def _compute(suite, out: Path, lm, settings: dict, *, k, block, precision, null_
             R = Operand.cosine(res_dirs, prec)
             reuse = prev[1] if prev is not None and prev[0] == L - 1 else None
             _match_layer(suite, lm, L, sources[L], R, reuse, part, k=k, block=block,
-                         null_samples=null_samples, seed=seed)
+                         null_samples=null_samples, seed=seed, null_suite=null_suite)
         if need_labels:
             for site in [Site(L, "res"), *(s for s in sources[L].values() if s.layer == L)]:
                 if not (out / "labels" / f"{site.slug}.off.npy").exists():
@@ -183,32 +211,41 @@ def _compute(suite, out: Path, lm, settings: dict, *, k, block, precision, null_
                     _write_labels(out / "labels", site, lm.promoted_tokens(dirs, k=label_tokens))
         prev = None if R is None else (L, R)
     bar.close()
-    return _finalize(out, suite, sources, settings, quantile, thresholds, do_labels, lm,
+    return _finalize(out, suite, sources, settings, rule, do_labels, lm,
                      time.perf_counter() - t_start)
 
 
 def _match_layer(suite, lm, L: int, sources: dict[str, Site], R, prev_R, part: Path, *, k: int,
-                 block: int, null_samples: int, seed: int) -> None:
+                 block: int, null_samples: int, seed: int, null_suite=None) -> None:
     """Match R_L (an Operand) against each source, write the layer's folder atomically."""
-    from saeflow.match import Operand, cosine_topk_pair, residual_decoder
+    from saeflow.match import Operand, cosine_topk, cosine_topk_pair, residual_decoder
 
     out = part.parent.parent
     tmp = temp_dir(out, prefix=f".{L:03d}.")
     info = {"layer": L, "sources": {}, "widths": {f"{L}/res": len(R)}, "stats": {}}
     t0, flops = time.perf_counter(), 0
+    gauss = gaussian_directions(R.x, null_samples, seed + 1009 * L + 7)  # one set, every source
+    ref = None if null_suite is None else residual_decoder(null_suite, Site(L, "res"))
     for kind, site in sources.items():
         S = prev_R if kind == "res" and prev_R is not None else Operand.cosine(
             residual_decoder(suite, site, lm), R.precision)
         stats: dict = {}
         pred, succ = cosine_topk_pair(R, S, k=k, block=block, stats=stats)
-        null = null_scores(R.x, S, n=null_samples, block=block,
-                           seed=seed + 1009 * L + SCORE_KINDS.index(kind))
-        flops += 2 * len(S) * R.x.shape[1] * (len(R) + len(null))
+        nulls = {"gaussian": cosine_topk(gauss, S, k=1, block=block,
+                                         precision=S.precision).values[:, 0],
+                 "rotation": null_scores(R.x, S, n=null_samples, block=block, kind="rotation",
+                                         seed=seed + 1009 * L + SCORE_KINDS.index(kind))}
+        if ref is not None:
+            nulls["reference"] = null_scores(R.x, S, n=null_samples, block=block,
+                                             kind="reference", reference_FD=ref,
+                                             seed=seed + 1009 * L + SCORE_KINDS.index(kind))
+        flops += 2 * len(S) * R.x.shape[1] * (len(R) + sum(len(v) for v in nulls.values()))
         _save_npy(tmp, f"pred_{kind}_idx", pred.indices.numpy().astype(np.int32))
         _save_npy(tmp, f"pred_{kind}_cos", pred.values.numpy())
         _save_npy(tmp, f"succ_{kind}_idx", succ.indices.numpy().astype(np.int32))
         _save_npy(tmp, f"succ_{kind}_cos", succ.values.numpy())
-        _save_npy(tmp, f"null_{kind}", null)
+        for name, v in nulls.items():
+            _save_npy(tmp, f"null_{name}_{kind}", v.numpy())
         info["sources"][kind] = str(site)
         info["widths"][str(site)] = len(S)
         info["stats"][kind] = stats
@@ -221,7 +258,7 @@ def _match_layer(suite, lm, L: int, sources: dict[str, Site], R, prev_R, part: P
     os.replace(tmp, part)
 
 
-def _finalize(out: Path, suite, sources, settings, quantile, thresholds, do_labels, lm,
+def _finalize(out: Path, suite, sources, settings, rule: dict, do_labels, lm,
               seconds) -> Atlas:
     parts = {L: json.loads((out / "layers" / f"{L:03d}" / "part.json").read_text())
              for L in sources}
@@ -236,11 +273,13 @@ def _finalize(out: Path, suite, sources, settings, quantile, thresholds, do_labe
             "sites": sorted(widths, key=lambda s: Site.parse(s)), "widths": widths,
             "layers": sorted(sources), "sources": {str(L): p["sources"] for L, p in parts.items()},
             "settings": {**{k: v for k, v in settings.items() if k != "fingerprint"},
-                         "precision": prec, "quantile": quantile, "labels": do_labels},
+                         "precision": prec, "quantile": rule["quantile"], "labels": do_labels},
             "match_seconds": sum(p["match_seconds"] for p in parts.values()),
             "match_flops": sum(p["match_flops"] for p in parts.values()),
             "seconds_this_run": seconds}
-    atlas = Atlas(out, info).with_thresholds(thresholds, quantile)
+    atlas = Atlas(out, info).with_thresholds(
+        rule["thresholds"], rule["quantile"], null=rule["null"], min_cos=rule["min_cos"],
+        calibration=rule["calibration"])
     for L in atlas.layers:
         with atomic_path(out / "layers" / f"{L:03d}" / "lineage.npy") as tmp:
             np.save(tmp, atlas.lineage_codes(L))
@@ -250,15 +289,16 @@ def _finalize(out: Path, suite, sources, settings, quantile, thresholds, do_labe
 
 def ensure_atlas(suite, lm=None, *, k: int = DEFAULT_K, null_samples: int = DEFAULT_NULL_SAMPLES,
                  seed: int = 0, label_tokens: int = 6, quantile: float | None = None,
-                 thresholds=None, **kwargs) -> Atlas:
+                 thresholds=None, null: str | None = None, min_cos: float | None = None,
+                 calibration=None, null_suite=None, **kwargs) -> Atlas:
     """The atlas of ``suite`` from ``cache_dir()/atlases/<suite name>``, computed there first if
     it is missing, stale (the suite's files or the settings changed), or lacks labels that
-    ``lm`` can add. ``quantile``/``thresholds`` only reclassify; ``kwargs`` go to
-    ``compute_atlas`` (block, precision, labels, progress)."""
+    ``lm`` can add. ``quantile``/``thresholds``/``null``/``min_cos``/``calibration`` only
+    reclassify; ``kwargs`` go to ``compute_atlas`` (block, precision, labels, progress)."""
     from saeflow.models import cache_dir
 
     out = cache_dir() / "atlases" / suite.name
-    settings = _settings(suite, k, null_samples, seed, label_tokens)
+    settings = _settings(suite, k, null_samples, seed, label_tokens, null_suite)
     old = json.loads((out / SETTINGS_JSON).read_text()) if (out / SETTINGS_JSON).exists() else None
     if old is not None and old != settings:  # our own cache of another suite or other settings
         from saeflow.contexts import CONTEXTS_FILE
@@ -266,20 +306,26 @@ def ensure_atlas(suite, lm=None, *, k: int = DEFAULT_K, null_samples: int = DEFA
         for p in out.iterdir():  # top-activating contexts depend on the suite alone: keep them
             if not (same_suite and p.name == CONTEXTS_FILE):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+    rule = dict(quantile=quantile, null=null, min_cos=min_cos, calibration=calibration)
     if (out / ATLAS_JSON).exists():
         atlas = Atlas.load(out)
         if lm is None or atlas.has_labels or not kwargs.get("labels", True):
-            if quantile is None and thresholds is None:
+            if thresholds is None and all(v is None for v in rule.values()):
                 return atlas
-            return atlas.with_thresholds(thresholds, quantile)
+            return atlas.with_thresholds(thresholds, **rule)
     return compute_atlas(suite, out, lm, k=k, null_samples=null_samples, seed=seed,
                          label_tokens=label_tokens, thresholds=thresholds,
-                         quantile=DEFAULT_QUANTILE if quantile is None else quantile, **kwargs)
+                         quantile=DEFAULT_QUANTILE if quantile is None else quantile,
+                         null=DEFAULT_NULL if null is None else null,
+                         min_cos=DEFAULT_MIN_COS if min_cos is None else min_cos,
+                         calibration=calibration, null_suite=null_suite, **kwargs)
 
 
 @dataclass
-class Atlas:
-    """A computed atlas (``Atlas.load(dir)``); columns are memory-mapped on first use."""
+class Atlas(LineageMixin):
+    """A computed atlas (``Atlas.load(dir)``); columns are memory-mapped on first use. Lineage
+    and threshold methods (``with_thresholds``, ``lineage``, ``class_fractions``,
+    ``share_curves``, ``flow_cuts``, ...) come from ``thresholds.LineageMixin``."""
     root: Path
     info: dict
     _cols: dict = field(default_factory=dict, repr=False)
@@ -316,10 +362,6 @@ class Atlas:
     @property
     def layers(self) -> list[int]:
         return list(self.info["layers"])
-
-    @property
-    def thresholds(self) -> dict[int, dict[str, float]]:
-        return {int(L): v for L, v in self.info["thresholds"].items()}
 
     @property
     def has_labels(self) -> bool:
@@ -402,42 +444,6 @@ class Atlas:
                                                                          "pred_res_cos")
         hit = np.flatnonzero(np.asarray(idx[:, 0]) == f.index)
         return [(Feature(Site(f.layer + 1, "res"), int(j)), float(cos[j, 0])) for j in hit]
-
-    # ---- lineage ------------------------------------------------------------------------
-    def with_thresholds(self, override=None, quantile: float | None = None) -> Atlas:
-        """A copy classified with other thresholds (nothing is recomputed or written)."""
-        q = quantile if quantile is not None else self.info["settings"].get(
-            "quantile", DEFAULT_QUANTILE)
-        nulls = {}
-        for L in self.layers:
-            nulls[L] = {kind: np.asarray(self.column(L, f"null_{kind}"))
-                        for kind in self.sources(L)}
-        th, rule = resolve_thresholds(nulls, q, override)
-        info = {**self.info, "settings": {**self.info["settings"], "quantile": q},
-                "thresholds": {str(L): v for L, v in th.items()}, "threshold_rule": rule,
-                "thresholds_override": override}
-        return Atlas(self.root, info, _cols=self._cols, _labels=self._labels, reclassified=True)
-
-    def lineage_codes(self, layer: int) -> np.ndarray:
-        if layer not in self._codes:
-            stored = None if self.reclassified else self.column(layer, "lineage")
-            if stored is not None:
-                self._codes[layer] = np.asarray(stored)
-            else:
-                t, s = self.thresholds[layer], self.scores(layer)
-                self._codes[layer] = classify(s["res"], s["mlp"], s["att"],
-                                              t["res"], t["mlp"], t["att"])
-        return self._codes[layer]
-
-    def lineage(self, feature) -> str:
-        f = self.feature(feature)
-        if f.kind != "res":
-            raise ValueError(f"lineage classes are defined for residual features; {f} is at "
-                             f"a {f.kind} site")
-        return CLASSES[int(self.lineage_codes(f.layer)[f.index])]
-
-    def class_fractions(self) -> dict[int, dict[str, float]]:
-        return {L: fractions(self.lineage_codes(L)) for L in self.layers}
 
     # ---- labels -------------------------------------------------------------------------
     def tokens(self, feature) -> list[str]:

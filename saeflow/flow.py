@@ -11,6 +11,12 @@ feature, walk the atlas layer by layer, composing one-layer matches.
      cosine reaches ``block_threshold`` (0.15): the blocks that wrote or changed it.
   An mlp/att seed first goes to its best match in the residual stream of its layer (if that
   reaches ``block_threshold``) and is traced forward from there.
+One threshold vocabulary with lineage (``saeflow.thresholds.flow_cuts``): at each layer a
+residual link is also kept when its cosine is high by the atlas's lineage threshold, so a
+feature called translated or processed never has its own residual chain cut; an mlp/att node
+must also be high (above its layer's null and the minimum effect size), so chance matches stay
+out. ``below_null=True`` uses the two numbers alone, and warns at the graph's layers where that
+admits links below the null.
 Edges point from the earlier site to the later one and carry the cosine; each node carries its
 lineage class (None for mlp/att nodes: classes are defined for residual features), its label,
 and as score the cosine of the edge that brought it into the graph (1.0 for the seed).
@@ -116,12 +122,20 @@ class FlowGraph:
 def trace(atlas, feature, res_threshold: float = RES_THRESHOLD,
           block_threshold: float = BLOCK_THRESHOLD, *,
           backward: bool = True, forward: bool = True, children: bool = True,
-          max_nodes: int = 1000) -> FlowGraph:
+          max_nodes: int = 1000, below_null: bool = False) -> FlowGraph:
     """The pruned flow graph of ``feature`` (module docstring)."""
+    import warnings
+
     seed = atlas.feature(feature)
     for name, v in (("res_threshold", res_threshold), ("block_threshold", block_threshold)):
         if not -1.0 <= float(v) <= 1.0:
             raise ValueError(f"{name} is a cosine, between -1 and 1; got {v}")
+    cuts = (atlas.flow_cuts(res_threshold, block_threshold, below_null, warn=False)[0]
+            if hasattr(atlas, "flow_cuts") else {})
+
+    def cut(layer: int, kind: str) -> float:
+        default = res_threshold if kind == "res" else block_threshold
+        return cuts.get(layer, {}).get("att" if kind == "att_z" else kind, default)
     nodes: dict[Feature, FlowNode] = {}
     edges: dict[tuple[Feature, Feature], FlowEdge] = {}
     truncated = False
@@ -144,14 +158,24 @@ def trace(atlas, feature, res_threshold: float = RES_THRESHOLD,
     def add_blocks(r: Feature) -> None:
         preds = atlas.predecessors(r)
         for kind in ("mlp", "att"):
-            if kind in preds and preds[kind][1] >= block_threshold:
+            if kind in preds and preds[kind][1] >= cut(r.layer, kind):
                 add_node(preds[kind][0], preds[kind][1])
                 add_edge(preds[kind][0], r, preds[kind][1])
 
     def done() -> FlowGraph:
+        layers = sorted({f.layer for f in nodes})
         settings = {"res_threshold": res_threshold, "block_threshold": block_threshold,
-                    "children": children, "truncated": truncated, "atlas": str(atlas.root),
-                    "model": atlas.model}
+                    "below_null": below_null, "children": children, "truncated": truncated,
+                    "atlas": str(atlas.root), "model": atlas.model,
+                    "cuts": {str(L): cuts[L] for L in layers if L in cuts},
+                    "threshold_rule": getattr(atlas, "info", {}).get("threshold_rule")}
+        if cuts:
+            notes = atlas.flow_cuts(res_threshold, block_threshold, below_null, layers,
+                                    warn=False)[1]
+            if notes:
+                warnings.warn(f"flow graph of {seed}: {'; '.join(notes)}", UserWarning,
+                              stacklevel=3)
+            settings["warnings"] = notes
         order = sorted(nodes.values(), key=lambda n: (n.feature.layer, _LANE[n.feature.kind],
                                                       n.feature.index))
         links = sorted(edges.values(), key=lambda e: (e.target.layer, str(e.source),
@@ -162,7 +186,7 @@ def trace(atlas, feature, res_threshold: float = RES_THRESHOLD,
     start = seed
     if seed.kind != "res":
         succ = atlas.successors(seed, 1)
-        if not succ or succ[0][1] < block_threshold:
+        if not succ or succ[0][1] < cut(seed.layer, seed.kind):
             return done()
         start, cos = succ[0]
         add_node(start, cos)
@@ -173,7 +197,7 @@ def trace(atlas, feature, res_threshold: float = RES_THRESHOLD,
         cur = start
         while True:
             p = atlas.predecessors(cur).get("res")
-            if p is None or p[1] < res_threshold or not add_node(*p):
+            if p is None or p[1] < cut(cur.layer, "res") or not add_node(*p):
                 break
             add_edge(p[0], cur, p[1])
             add_blocks(p[0])
@@ -182,9 +206,10 @@ def trace(atlas, feature, res_threshold: float = RES_THRESHOLD,
         frontier = [start]
         while frontier:
             f = frontier.pop()
-            nxt = [s for s in atlas.successors(f, 1) if s[1] >= res_threshold]
+            t = cut(f.layer + 1, "res")
+            nxt = [s for s in atlas.successors(f, 1) if s[1] >= t]
             if children:
-                nxt += [c for c in atlas.children(f) if c[1] >= res_threshold]
+                nxt += [c for c in atlas.children(f) if c[1] >= t]
             for g, cos in nxt:
                 if add_node(g, cos):
                     add_blocks(g)

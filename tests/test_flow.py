@@ -1,6 +1,9 @@
-"""Flow graphs: planted chains are traced backward and forward, pruning works, errors are clear."""
+"""Flow graphs: planted chains are traced backward and forward, pruning works and speaks the
+lineage's threshold vocabulary, errors are clear."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pytest
@@ -41,7 +44,7 @@ def test_backward_chain_follows_planted_parents(chain):
         # every planted translated ancestor is found; the chain ends where the planted one does
         # (a processed/newborn ancestor may still be reached through its own R parent)
         assert res[-1] == f"{L}/res/{i}" and res[::-1][1:len(want) + 1] == want
-        assert all(e.cos >= 0.5 for e in g.edges)
+        assert all(e.cos >= min(0.5, atlas.thresholds[e.target.layer]["res"]) for e in g.edges)
         assert all(e.source.layer == e.target.layer - 1 for e in g.edges)
 
 
@@ -66,13 +69,48 @@ def test_nodes_edges_and_pruning(chain):
     for e in g.edges:  # edges run from earlier sites to the later residual stream
         assert e.target.kind == "res"
         assert e.source.layer < e.target.layer or e.source.kind in ("mlp", "att")
-        assert e.cos >= (0.5 if e.source.kind == "res" else 0.15)
-    only_seed = trace(atlas, f, res_threshold=1.0, block_threshold=1.0)
+        t = atlas.thresholds[e.target.layer][e.source.kind]
+        assert e.cos >= (min(0.5, t) if e.source.kind == "res" else max(0.15, t))
+    strict = atlas.with_thresholds(1.0)  # nothing is high: only the user's numbers cut
+    only_seed = trace(strict, f, res_threshold=1.0, block_threshold=1.0)
     assert [str(n.feature) for n in only_seed.nodes] == [f] and only_seed.edges == []
-    blocks = trace(atlas, f, res_threshold=1.0, block_threshold=-1.0)
+    with pytest.warns(UserWarning, match="below their layer's null"):
+        blocks = trace(strict, f, res_threshold=1.0, block_threshold=-1.0, below_null=True)
     assert sorted(n.feature.kind for n in blocks.nodes) == ["att", "mlp", "res"]
-    small = trace(atlas, f, block_threshold=-1.0, max_nodes=3)
+    assert blocks.settings["warnings"] and blocks.settings["below_null"]
+    with pytest.warns(UserWarning):
+        small = trace(atlas, f, block_threshold=-1.0, max_nodes=3, below_null=True)
     assert len(small.nodes) == 3 and small.settings["truncated"]
+
+
+def test_flow_admission_is_consistent_with_lineage(chain):
+    """A feature the lineage calls translated or processed keeps its residual chain even under
+    the strictest residual cut, and mlp/att nodes enter only when the lineage calls their score
+    high (above the null), whatever lower block threshold is asked for."""
+    atlas, truth = chain
+    L = 4
+    codes = atlas.lineage_codes(L)
+    r_high = np.flatnonzero(codes <= 3)  # translated, processed_*
+    assert len(r_high) > 100
+    for i in r_high[:60]:
+        f = f"{L}/res/{i}"
+        g = trace(atlas, f, res_threshold=1.0, block_threshold=1.0, forward=False)
+        pred = atlas.predecessors(f)["res"][0]
+        assert pred in g.features, f  # its own chain is not cut
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default admission never warns
+        for i in range(0, 400, 7):
+            g = trace(atlas, f"{L}/res/{i}", block_threshold=-1.0)
+            for e in g.edges:
+                if e.source.kind in ("mlp", "att"):
+                    layer = e.target.layer
+                    assert e.cos > atlas.null_thresholds[layer][e.source.kind]
+                    assert e.cos >= atlas.thresholds[layer][e.source.kind]
+    with pytest.warns(UserWarning, match="mlp nodes are admitted below"):
+        g = trace(atlas, f"{L}/res/{r_high[0]}", block_threshold=-1.0, below_null=True)
+    low_blocks = [e for e in g.edges if e.source.kind != "res"]
+    assert any(e.cos < atlas.null_thresholds[e.target.layer][e.source.kind]
+               for e in low_blocks)  # below_null really admits chance matches
 
 
 def test_block_seed_goes_forward(chain):
