@@ -1,16 +1,21 @@
-"""TopK SAE training throughput: saeflow's kernels vs a textbook dense-autograd TopK SAE.
+"""TopK SAE training throughput against the GEMM floor, a textbook baseline and the old path.
 
-    python bench/bench_train.py                   # per-SAE table (width 4608, k 32, d 576)
-    python bench/bench_train.py --suite           # also a short real run over all 90 SmolLM2 sites
-    python bench/bench_train.py --width 2304 --batch 1024 --threads 2
+    python bench/bench_train.py                   # per-SAE table (width 2304, k 32, d 576)
+    python bench/bench_train.py --suite           # also short real runs over all 90 SmolLM2 sites
+    python bench/bench_train.py --width 4608 --batch 4096 --threads 2
 
-Part 1 trains one SAE on the same synthetic batches with (a) the textbook implementation:
-dense fp32 encoder matmul, top-k scattered into a dense [B, F] code, dense decoder matmul,
-autograd backward, torch Adam; (b) saeflow.topk with the encoder matmul in fp32; (c) saeflow.topk
-with the encoder matmul in bf16 (what training uses when bf16 is fast here). All use unit-norm
-decoder rows. Part 2 (``--suite``) runs ``train_suite`` for a few steps on every SmolLM2 site
-and reports wall time, tokens/s and peak memory, next to the hooked model forward alone.
-Throughput on a shared machine moves with the load: compare the ratios within one run.
+Part 1 measures this CPU's bf16 and fp32 GEMM peak on the encoder's own shape and the floor it
+implies (the encoder's dense ``[B, d] x [d, F]`` product, 2 d F FLOP per row, at the bf16 peak),
+then trains one SAE on the same synthetic batches with: (a) the textbook implementation (dense
+fp32 encoder and decoder, top-k scattered into a dense code, autograd, torch Adam); (b) saeflow's
+sparse kernels with glibc's default allocator, what training ran before (every weight-sized
+temporary is a fresh mmap, so each step pays page faults); (c) the same kernels with
+``tune_malloc`` (the new path), at the model-batch size and at the starter's 512-row SAE steps.
+Each row gives rows/s and the share of the floor. Part 2 (``--suite``) runs ``train_suite`` on
+every SmolLM2 site for a few forwards with the old recipe (one 1,024-row step per 1,024-token
+forward) and the starter's (2,048-token forwards, 512-row steps, each token used twice), beside
+the hooked model forward alone. Throughput on a shared machine moves with the load: compare the
+ratios within one run; CPU-seconds per 1k tokens are less sensitive to other jobs than wall time.
 """
 
 from __future__ import annotations
@@ -24,7 +29,27 @@ import time
 import torch
 
 from saeflow.topk import (TopKParams, TopKTrainer, dense_topk_loss, init_params,
-                          normalize_rows_, project_decoder_grad)
+                          normalize_rows_, project_decoder_grad, tune_malloc)
+
+
+def default_malloc() -> None:
+    """glibc's default: blocks from 128 KiB up are mmapped and unmapped per allocation."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD
+
+
+def gemm_peak(B: int, d: int, F: int, dtype: torch.dtype, reps: int = 10) -> float:
+    """GFLOP/s of the encoder's ``[B, d] x [d, F]`` product in ``dtype`` (best of ``reps``)."""
+    a, w = torch.randn(B, d).to(dtype), torch.randn(F, d).to(dtype)
+    a @ w.T
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ w.T
+        best = min(best, time.perf_counter() - t0)
+    return 2 * B * d * F / best / 1e9
 
 
 def synthetic_batches(d: int, n: int, batch: int, seed: int = 0) -> list[torch.Tensor]:
@@ -74,78 +99,113 @@ def time_steps(step, batches, warmup=2) -> tuple[float, float]:
 def bench_kernels(args) -> None:
     d, F, k, B = args.d, args.width, args.k, args.batch
     batches = synthetic_batches(d, args.steps + 2, B)
+    bf16, fp32 = gemm_peak(B, d, F, torch.bfloat16), gemm_peak(B, d, F, torch.float32)
+    floor = bf16 * 1e9 / (2 * d * F)
     print(f"\nPer-SAE training throughput (d={d}, width={F}, k={k}, batch={B}, "
           f"{args.steps} timed steps, {torch.get_num_threads()} intra-op thread(s))")
+    print(f"GEMM peak on the encoder's shape: bf16 {bf16:.0f} GFLOP/s, fp32 {fp32:.0f} GFLOP/s; "
+          f"floor (encoder product alone at the bf16 peak): {floor:,.0f} rows/s")
     rows = []
     dense = DenseTopK(d, F, k)
     rows.append(("textbook dense autograd (fp32)", *time_steps(dense.step, batches)))
-    for name, dtype in (("saeflow sparse, fp32 encoder matmul", torch.float32),
-                        ("saeflow sparse, bf16 encoder matmul", torch.bfloat16)):
-        t = TopKTrainer(d, F, k, k_aux=2 * k, matmul_dtype=dtype)
+
+    def sparse(name, rows_per_step):
+        t = TopKTrainer(d, F, k, k_aux=2 * k, matmul_dtype=torch.bfloat16)
         t.scale = 1.0
         t.max_norm = float("inf")
-        rows.append((name, *time_steps(lambda x: t.step(x, 1e-3).loss, batches)))
+        mb = [x[i:i + rows_per_step] for x in batches for i in range(0, B, rows_per_step)]
+        rows.append((name, *time_steps(lambda x: t.step(x, 1e-3).loss, mb)))
+
+    default_malloc()
+    sparse("sparse kernels, default malloc (old)", B)
+    tune_malloc()
+    sparse("sparse kernels, tuned malloc (new)", B)
+    if B > 512:
+        sparse("  the same, 512-row steps (starter)", 512)
     base = rows[0][1]
-    print(f"{'implementation':40s} {'tok/s':>10} {'vs textbook':>12} {'last loss':>10}")
+    print(f"{'implementation':40s} {'rows/s':>10} {'% floor':>8} {'vs textbook':>12} "
+          f"{'last loss':>10}")
     for name, tps, loss in rows:
-        print(f"{name:40s} {tps:10.0f} {tps / base:11.2f}x {loss:10.3f}")
+        print(f"{name:40s} {tps:10.0f} {100 * tps / floor:7.1f}% {tps / base:11.2f}x "
+              f"{loss:10.3f}")
 
 
-def bench_suite(args) -> None:
+def _suite_run(lm, sites, cfg, label: str) -> tuple:
     import json
-    from concurrent.futures import ThreadPoolExecutor
 
-    from saeflow.models import load_model
-    from saeflow.hooks import SiteTaps
-    from saeflow.sites import parse_sites
-    from saeflow.train import STARTER_CONFIG, train_suite
-    lm = load_model("smollm2", dtype="bfloat16")
-    sites = parse_sites(args.sites, lm.n_layers)
-    cfg = dataclasses.replace(STARTER_CONFIG, tokens=args.suite_tokens, eval_tokens=0,
-                              checkpoint_every=10**9)
-    ids = torch.randint(100, 40_000, (cfg.seqs_per_batch, cfg.seq_len))
-    taps = SiteTaps(lm, sites)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with taps.installed(), ThreadPoolExecutor(cfg.workers) as pool:
-        list(pool.map(taps.record, ids.chunk(cfg.workers)))
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(3):
-            list(pool.map(taps.record, ids.chunk(cfg.workers)))
-        fwd_wall, fwd_cpu = time.perf_counter() - t0, time.process_time() - c0
-    torch.set_num_threads(prev)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         train_suite(lm, sites, cfg, tmp, progress=False)
         wall = time.perf_counter() - t0
         info = json.loads(open(f"{tmp}/suite.json").read())["training"]
-    tokens, cpu = info["tokens_trained"], info["cpu_seconds"]
+    return label, info["tokens_trained"], info["cpu_seconds"], info["wall_seconds"], wall, \
+        info["steps"]
+
+
+def bench_suite(args) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import saeflow.train as train
+    from saeflow.hooks import SiteTaps
+    from saeflow.models import load_model
+    from saeflow.sites import parse_sites
+    lm = load_model("smollm2", dtype="bfloat16")
+    sites = parse_sites(args.sites, lm.n_layers)
+    new = dataclasses.replace(train.STARTER_CONFIG, tokens=args.suite_tokens, eval_tokens=0,
+                              checkpoint_every=10**9, seed_sites="")
+    old = train.TrainConfig(tokens=args.suite_tokens, eval_tokens=0, checkpoint_every=10**9)
+    ids = torch.randint(100, 40_000, (old.seqs_per_batch, old.seq_len))
+    taps = SiteTaps(lm, sites)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with taps.installed(), ThreadPoolExecutor(old.workers) as pool:
+        list(pool.map(taps.record, ids.chunk(old.workers)))
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(3):
+            list(pool.map(taps.record, ids.chunk(old.workers)))
+        fwd_wall, fwd_cpu = time.perf_counter() - t0, time.process_time() - c0
+    torch.set_num_threads(prev)
+    runs = []
+    default_malloc()
+    real_tune, train.tune_malloc = train.tune_malloc, lambda: False
+    try:
+        runs.append(_suite_run(lm, sites, old, "old recipe, default malloc (before)"))
+    finally:
+        train.tune_malloc = real_tune
+    runs.append(_suite_run(lm, sites, old, "old recipe, tuned malloc"))
+    runs.append(_suite_run(lm, sites, new, "starter recipe (2x reuse, 512-row steps)"))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_fwd = 3 * ids.numel()
-    print(f"\nWhole-suite run: {len(sites)} sites, {tokens:,} tokens, width {cfg.width}, "
-          f"k {cfg.k}, {cfg.workers} workers")
-    print(f"{'what':40s} {'tok/s':>8} {'CPU-s/1k tok':>13} {'wall s':>8} {'peak MB':>8}")
-    print(f"{'hooked model forward alone':40s} {n_fwd / fwd_wall:8.0f} "
-          f"{1000 * fwd_cpu / n_fwd:13.2f} {fwd_wall:8.1f}")
-    print(f"{'train_suite (forward + all SAE steps)':40s} {tokens / wall:8.0f} "
-          f"{1000 * cpu / tokens:13.2f} {wall:8.1f} {peak_mb:8.0f}")
-    full = STARTER_CONFIG.tokens / 1000 * (1000 * cpu / tokens) * 90 / len(sites)
-    print(f"starter suite ({STARTER_CONFIG.tokens:,} tokens, 90 sites) needs about {full:.0f} "
-          f"CPU-seconds: {full / 2 / 60:.1f} min on 2 free cores (wall above includes set-up)")
+    print(f"\nWhole-suite runs: {len(sites)} sites, {args.suite_tokens:,} tokens, width "
+          f"{old.width}, k {old.k}, {old.workers} workers (peak RSS {peak_mb:.0f} MB)")
+    print(f"{'what':44s} {'tok/s':>7} {'rows/s':>8} {'CPU-s/1k tok':>13} {'steps':>6} "
+          f"{'vs before':>9}")
+    print(f"{'hooked model forward alone':44s} {n_fwd / fwd_wall:7.0f} {'':>8} "
+          f"{1000 * fwd_cpu / n_fwd:13.2f}")
+    base = None
+    for label, tokens, cpu, train_wall, wall, steps in runs:
+        rows = tokens * (2 if "reuse" in label else 1)
+        base = base or tokens / train_wall
+        print(f"{label:44s} {tokens / train_wall:7.0f} {rows / train_wall:8.0f} "
+              f"{1000 * cpu / tokens:13.2f} {steps:6d} {tokens / train_wall / base:8.2f}x")
+    cpu_1k = 1000 * runs[-1][2] / runs[-1][1]
+    full = train.STARTER_CONFIG.tokens / 1000 * cpu_1k * 90 / len(sites)
+    print(f"starter suite ({train.STARTER_CONFIG.tokens:,} tokens, 90 sites) needs about "
+          f"{full:.0f} CPU-seconds: {full / 2 / 60:.1f} min on 2 free cores")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d", type=int, default=576)
-    ap.add_argument("--width", type=int, default=4608)
+    ap.add_argument("--width", type=int, default=2304)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads for part 1 (default 1: stable on a shared CPU)")
     ap.add_argument("--suite", action="store_true", help="also run part 2 (real model)")
     ap.add_argument("--sites", default="all")
-    ap.add_argument("--suite-tokens", type=int, default=8192)
+    ap.add_argument("--suite-tokens", type=int, default=12_288)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bench_kernels(args)

@@ -49,11 +49,27 @@ class StepOut(NamedTuple):
 
 def rows_grad(idx_BK: Tensor, w_BK: Tensor, v_BD: Tensor, n_rows: int) -> Tensor:
     """``out[f] = sum_{b,j: idx[b,j]=f} w[b,j] * v[b]``, ``[n_rows, D]``, a sparse product."""
-    B, K = idx_BK.shape
-    cols = torch.arange(B, device=idx_BK.device).repeat_interleave(K)
-    M = torch.sparse_coo_tensor(torch.stack([idx_BK.reshape(-1), cols]), w_BK.reshape(-1),
-                                (n_rows, B), check_invariants=False)
-    return torch.sparse.mm(M, v_BD)
+    return rows_grad_sum([(idx_BK, w_BK, v_BD)], n_rows)
+
+
+def rows_grad_sum(terms: list[tuple[Tensor, Tensor, Tensor]], n_rows: int,
+                  out: Tensor | None = None) -> Tensor:
+    """The sum of several ``rows_grad`` terms as one sparse ``[n_rows, sum B] @ [sum B, D]``
+    product (one output, one pass), written into ``out`` when given (a reused buffer skips the
+    allocation and page faults of a fresh weight-sized result)."""
+    rows, cols, vals, off = [], [], [], 0
+    for idx_BK, w_BK, v_BD in terms:
+        B, K = idx_BK.shape
+        rows.append(idx_BK.reshape(-1))
+        cols.append(torch.arange(off, off + B, device=idx_BK.device).repeat_interleave(K))
+        vals.append(w_BK.reshape(-1))
+        off += B
+    M = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals),
+                                (n_rows, off), check_invariants=False)
+    v = terms[0][2] if len(terms) == 1 else torch.cat([t[2] for t in terms])
+    if out is None:
+        return torch.sparse.mm(M, v)
+    return torch.mm(M, v, out=out)
 
 
 def gather_sum(idx_BK: Tensor, W_FD: Tensor, w_BK: Tensor) -> Tensor:
@@ -100,11 +116,13 @@ def encode_pre(xc_BD: Tensor, W_enc_FD: Tensor, b_enc_F: Tensor,
 def topk_step(x_BD: Tensor, p: TopKParams, k: int, dead_F: Tensor | None = None,
               k_aux: int = 0, aux_coef: float = 1 / 32,
               matmul_dtype: torch.dtype = torch.bfloat16,
-              W_enc_lowp: Tensor | None = None) -> tuple[StepOut, TopKParams]:
+              W_enc_lowp: Tensor | None = None,
+              grad_bufs: tuple[Tensor, Tensor] | None = None) -> tuple[StepOut, TopKParams]:
     """Loss and gradients of one batch (module docstring); returns ``(StepOut, grads)``.
 
     ``dead_F`` is a boolean mask of dead latents for the AuxK loss (weighted by ``aux_coef``);
-    ``W_enc_lowp`` is an optional ``matmul_dtype`` copy of the encoder to avoid a cast per step.
+    ``W_enc_lowp`` is an optional ``matmul_dtype`` copy of the encoder to avoid a cast per step;
+    ``grad_bufs`` optional ``(W_enc, W_dec)``-shaped buffers the weight gradients are written to.
     """
     B, D = x_BD.shape
     n_lat = p.W_enc_FD.shape[0]
@@ -122,12 +140,12 @@ def topk_step(x_BD: Tensor, p: TopKParams, k: int, dead_F: Tensor | None = None,
     loss = err_BD.pow(2).sum(-1).mean() / denom
     g_out_BD = err_BD * (2.0 / (B * denom))
 
-    g_W_dec = rows_grad(idx_BK, acts_BK, g_out_BD, n_lat)
+    dec_terms = [(idx_BK, acts_BK, g_out_BD)]  # decoder gradient terms, summed in one product
     g_b_dec = g_out_BD.sum(0)
     g_BK = dot_dec(g_out_BD) * (vals_BK > 0)
     enc_idx, enc_g = idx_BK, g_BK
 
-    aux = torch.zeros(())
+    aux = x_BD.new_zeros(())
     n_dead = 0 if dead_F is None else int(dead_F.sum())
     if n_dead and k_aux > 0 and aux_coef > 0:
         dead_idx = dead_F.nonzero().squeeze(1)
@@ -142,12 +160,14 @@ def topk_step(x_BD: Tensor, p: TopKParams, k: int, dead_F: Tensor | None = None,
         a_err = e_hat - e_BD
         aux = a_err.pow(2).sum(-1).mean() / e_denom
         g_aux_BD = a_err * (2.0 * aux_coef / (B * e_denom))
-        g_W_dec = g_W_dec + rows_grad(a_idx, a_acts, g_aux_BD, n_lat)
+        dec_terms.append((a_idx, a_acts, g_aux_BD))
         g_a = dot_aux(g_aux_BD) * (a_vals > 0)
         enc_idx, enc_g = torch.cat([idx_BK, a_idx], 1), torch.cat([g_BK, g_a], 1)
 
-    g_W_enc = rows_grad(enc_idx, enc_g, xc_BD, n_lat)
-    g_b_enc = torch.zeros(n_lat).index_add_(0, enc_idx.reshape(-1), enc_g.reshape(-1))
+    enc_buf, dec_buf = grad_bufs if grad_bufs is not None else (None, None)
+    g_W_dec = rows_grad_sum(dec_terms, n_lat, out=dec_buf)
+    g_W_enc = rows_grad_sum([(enc_idx, enc_g, xc_BD)], n_lat, out=enc_buf)
+    g_b_enc = x_BD.new_zeros(n_lat).index_add_(0, enc_idx.reshape(-1), enc_g.reshape(-1))
     g_b_dec = g_b_dec - g_b_enc @ p.W_enc_FD  # b_dec also enters through x - b_dec
     out = StepOut(float(loss), float(aux), idx_BK, acts_BK)
     return out, TopKParams(g_W_enc, g_b_enc, g_W_dec, g_b_dec)
@@ -175,8 +195,10 @@ def dense_topk_loss(x_BD: Tensor, p: TopKParams, k: int, dead_F: Tensor | None =
 
 
 def project_decoder_grad(W_dec_FD: Tensor, g_W_dec_FD: Tensor) -> Tensor:
-    """Remove the part of the decoder gradient that would change the (unit) row norms."""
-    return g_W_dec_FD - (g_W_dec_FD * W_dec_FD).sum(-1, keepdim=True) * W_dec_FD
+    """Remove the part of the decoder gradient that would change the (unit) row norms
+    (in place: two passes over the matrix, no temporary of its size)."""
+    radial_F = torch.bmm(g_W_dec_FD.unsqueeze(1), W_dec_FD.unsqueeze(2)).reshape(-1)
+    return g_W_dec_FD.addcmul_(W_dec_FD, radial_F.unsqueeze(1), value=-1)
 
 
 def normalize_rows_(W_FD: Tensor) -> Tensor:
@@ -191,46 +213,121 @@ def init_params(d: int, n_latents: int, generator: torch.Generator) -> TopKParam
     return TopKParams(W_dec.clone(), torch.zeros(n_latents), W_dec, torch.zeros(d))
 
 
-class TopKTrainer:
-    """Training state of one TopK SAE: weights, Adam, input scale, dead-latent counters.
+class RowBuffer:
+    """A bounded shuffle buffer of training rows for one site: new rows overwrite the oldest,
+    minibatches are drawn uniformly (with replacement) from what it holds, so a row is used
+    about ``reuse`` times when each added row is followed by ``reuse / sae_batch`` draws per
+    row. Rows are kept in the dtype they arrive in (the model's, bf16 by default)."""
 
-    ``prepare`` turns a site's hidden states into training rows: position 0 is dropped, tokens
-    whose norm exceeds ``outlier_factor`` times the median norm (measured on the first batch)
-    are dropped, and the rest are multiplied by one scale chosen on the first batch so that
-    ``E||x||^2 = d``. The first batch also sets ``b_dec`` to the mean of the scaled rows.
-    A latent is dead when it has not fired for ``dead_tokens`` training tokens.
+    def __init__(self, capacity: int, d: int, seed: int = 0):
+        if capacity < 1:
+            raise ValueError(f"buffer capacity must be >= 1 row, got {capacity}")
+        self.capacity, self.d = capacity, d
+        self.rows: Tensor | None = None
+        self.n = 0  # rows held
+        self.pos = 0  # next row to overwrite
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def add(self, x_ND: Tensor) -> None:
+        if self.rows is None:
+            self.rows = x_ND.new_empty(self.capacity, self.d)
+        x_ND = x_ND[-self.capacity:]
+        n = x_ND.shape[0]
+        first = min(n, self.capacity - self.pos)
+        self.rows[self.pos:self.pos + first] = x_ND[:first]
+        self.rows[:n - first] = x_ND[first:]
+        self.pos = (self.pos + n) % self.capacity
+        self.n = min(self.capacity, self.n + n)
+
+    def sample(self, n: int) -> Tensor:
+        if self.n == 0:
+            raise ValueError("the buffer holds no rows yet")
+        idx = torch.randint(0, self.n, (n,), generator=self.rng)
+        return self.rows[idx.to(self.rows.device)]
+
+    def state_dict(self) -> dict:
+        rows = None if self.rows is None else self.rows[:self.n].clone()
+        return {"rows": rows, "n": self.n, "pos": self.pos, "capacity": self.capacity,
+                "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"checkpoint buffer holds {state['capacity']} rows, expected "
+                             f"{self.capacity}")
+        self.n, self.pos = state["n"], state["pos"]
+        self.rows = None
+        if state["rows"] is not None:
+            self.rows = state["rows"].new_empty(self.capacity, self.d)
+            self.rows[:self.n] = state["rows"]
+        self.rng.set_state(state["rng"])
+
+
+class TopKTrainer:
+    """Training state of one TopK SAE: weights, Adam, input scale, dead-latent counters, and
+    (when ``buffer_rows`` > 0) a shuffle buffer of training rows.
+
+    ``rows`` turns a site's hidden states into training rows: position 0 is dropped, and so are
+    tokens whose norm exceeds ``outlier_factor`` times the median norm (measured on the first
+    batch). One scale, chosen on the first batch so that ``E||x||^2 = d``, maps rows to the
+    training space; the first batch also sets ``b_dec`` to the mean of the scaled rows.
+    ``prepare`` returns the scaled rows of a batch; ``add`` puts the raw rows into the buffer
+    and ``sample(n)`` draws a scaled minibatch from it.
+    A latent is dead when it has not fired for ``dead_tokens`` training rows.
+    Parameters live on ``device``; they are initialised on the CPU from ``seed``, so a run
+    starts from the same weights on every device.
     """
 
     def __init__(self, d: int, width: int, k: int, *, k_aux: int = 64, aux_coef: float = 1 / 32,
                  dead_tokens: int = 20_000, outlier_factor: float = 10.0, seed: int = 0,
-                 matmul_dtype: torch.dtype = torch.bfloat16):
+                 matmul_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                 buffer_rows: int = 0):
         if not 0 < k <= width:
             raise ValueError(f"need 0 < k <= width, got k={k}, width={width}")
         self.d, self.width, self.k, self.k_aux, self.aux_coef = d, width, k, k_aux, aux_coef
         self.dead_tokens, self.outlier_factor = dead_tokens, outlier_factor
-        self.matmul_dtype = matmul_dtype
+        self.matmul_dtype, self.seed = matmul_dtype, seed
+        self.device = torch.device(device)
         init = init_params(d, width, torch.Generator().manual_seed(seed))
-        self.params = TopKParams(*[t.requires_grad_(True) for t in init])
+        self.params = TopKParams(*[t.to(self.device).requires_grad_(True) for t in init])
         self.opt = torch.optim.Adam(self.params, lr=1e-3, fused=True)
         self.scale: float | None = None
         self.max_norm: float | None = None
-        self.since_fired_F = torch.zeros(width, dtype=torch.long)
-        self.tokens = 0
+        self.since_fired_F = torch.zeros(width, dtype=torch.long, device=self.device)
+        self.buffer = RowBuffer(buffer_rows, d, seed=seed + 1) if buffer_rows > 0 else None
+        self._grad_bufs: tuple[Tensor, Tensor] | None = None  # reused weight-gradient storage
+        self.tokens = 0  # rows trained on, counted once per use
         self.steps = 0
 
     @torch.no_grad()
-    def prepare(self, h_BTD: Tensor) -> Tensor:
-        x = h_BTD[:, 1:].reshape(-1, self.d).float()
-        norms = x.norm(dim=-1)
+    def rows(self, h_BTD: Tensor) -> Tensor:
+        """Raw training rows of a batch (module docstring); fixes scale and ``b_dec`` on the
+        first call."""
+        x = h_BTD[:, 1:].reshape(-1, self.d).to(self.device)
+        norms = x.float().norm(dim=-1)
         if self.max_norm is None:
             self.max_norm = float(self.outlier_factor * norms.median())
         x = x[norms <= self.max_norm]
         if self.scale is None:
             if x.shape[0] == 0:
                 raise ValueError("the first batch has no usable tokens to set the input scale")
-            self.scale = float((self.d / x.pow(2).sum(-1).mean().clamp_min(1e-12)) ** 0.5)
-            self.params.b_dec_D.copy_((x * self.scale).mean(0))
-        return x * self.scale
+            xf = x.float()
+            self.scale = float((self.d / xf.pow(2).sum(-1).mean().clamp_min(1e-12)) ** 0.5)
+            self.params.b_dec_D.copy_((xf * self.scale).mean(0))
+        return x
+
+    def prepare(self, h_BTD: Tensor) -> Tensor:
+        return self.rows(h_BTD).float() * self.scale
+
+    def add(self, h_BTD: Tensor) -> int:
+        """Put a batch's training rows into the buffer; returns how many were kept."""
+        if self.buffer is None:
+            raise ValueError("this trainer has no buffer (buffer_rows=0)")
+        x = self.rows(h_BTD)
+        self.buffer.add(x)
+        return x.shape[0]
+
+    def sample(self, n: int) -> Tensor:
+        return self.buffer.sample(n).float() * self.scale
 
     def dead_mask(self) -> Tensor:
         return self.since_fired_F >= self.dead_tokens
@@ -239,11 +336,13 @@ class TopKTrainer:
     def step(self, x_ND: Tensor, lr: float) -> StepOut:
         p = self.params
         W_low = p.W_enc_FD.to(self.matmul_dtype) if self.matmul_dtype != torch.float32 else None
+        if self._grad_bufs is None:
+            self._grad_bufs = (torch.empty_like(p.W_enc_FD), torch.empty_like(p.W_dec_FD))
         out, grads = topk_step(x_ND, p, self.k, self.dead_mask(), self.k_aux, self.aux_coef,
-                               self.matmul_dtype, W_low)
+                               self.matmul_dtype, W_low, self._grad_bufs)
         for t, g in zip(p, grads):
             t.grad = g
-        p.W_dec_FD.grad = project_decoder_grad(p.W_dec_FD, p.W_dec_FD.grad)
+        project_decoder_grad(p.W_dec_FD, p.W_dec_FD.grad)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
@@ -260,7 +359,8 @@ class TopKTrainer:
         return {"params": [t.detach().clone() for t in self.params], "opt": self.opt.state_dict(),
                 "scale": self.scale, "max_norm": self.max_norm,
                 "since_fired": self.since_fired_F.clone(), "tokens": self.tokens,
-                "steps": self.steps}
+                "steps": self.steps,
+                "buffer": None if self.buffer is None else self.buffer.state_dict()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -271,8 +371,12 @@ class TopKTrainer:
             t.copy_(v)
         self.opt.load_state_dict(state["opt"])
         self.scale, self.max_norm = state["scale"], state["max_norm"]
-        self.since_fired_F = state["since_fired"].clone()
+        self.since_fired_F = state["since_fired"].clone().to(self.device)
         self.tokens, self.steps = state["tokens"], state["steps"]
+        if (state.get("buffer") is None) != (self.buffer is None):
+            raise ValueError("checkpoint and trainer disagree on whether a row buffer is used")
+        if self.buffer is not None:
+            self.buffer.load_state_dict(state["buffer"])
 
     def sae(self, site=None, metadata: dict | None = None):
         """The trained SAE on raw activations: weights of the scaled space plus
@@ -280,7 +384,23 @@ class TopKTrainer:
         from saeflow.sae import SAE
         p = self.params
         scale = 1.0 if self.scale is None else self.scale
-        return SAE(W_enc=p.W_enc_FD.detach().T.contiguous(), b_enc=p.b_enc_F.detach().clone(),
-                   W_dec=p.W_dec_FD.detach().clone(), b_dec=p.b_dec_D.detach().clone(),
+        return SAE(W_enc=p.W_enc_FD.detach().T.contiguous().cpu(),
+                   b_enc=p.b_enc_F.detach().clone().cpu(),
+                   W_dec=p.W_dec_FD.detach().clone().cpu(), b_dec=p.b_dec_D.detach().clone().cpu(),
                    activation="topk", k=self.k, site=site, apply_b_dec_to_input=True,
                    input_scale=scale, output_scale=1.0 / scale, metadata=dict(metadata or {}))
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed blocks of up to 32 MiB in the heap instead of returning them to
+    the system (its default for blocks over 128 KiB-32 MiB is mmap/munmap per allocation, so
+    every weight-sized temporary of a training step costs fresh page faults: measured ~30% of
+    a width-2304 step). Process-wide; returns False where it does not apply (not glibc)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and \
+        bool(libc.mallopt(m_trim_threshold, 1 << 30))

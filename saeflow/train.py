@@ -25,7 +25,6 @@ Choices (the feature-flow papers train their own SAEs but do not describe the re
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -38,15 +37,14 @@ from pathlib import Path
 import torch
 
 from saeflow.hooks import SiteTaps
-from saeflow.io import write_json_atomic
+from saeflow.io import file_lock, save_checkpoint, write_json_atomic
 from saeflow.sae import SAE
 from saeflow.sites import Site, parse_sites
 from saeflow.suite import SUITE_JSON
-from saeflow.topk import TopKTrainer, bf16_matmul_is_fast
+from saeflow.topk import TopKTrainer, bf16_matmul_is_fast, tune_malloc
 
 CHECKPOINT = ".checkpoint.pt"
 TRAINED = ".trained.json"  # SAEs written, evaluation pending
-STARTER_NAME = "smollm2-starter"
 
 
 @dataclass(frozen=True)
@@ -54,32 +52,45 @@ class TrainConfig:
     width: int = 2304  # latents per SAE
     k: int = 32
     tokens: int = 300_000  # model tokens to train on (every site sees all of them)
-    batch_tokens: int = 1024  # tokens per model forward = per SAE step (rounded to sequences)
+    batch_tokens: int = 1024  # tokens per model forward (rounded to sequences)
     seq_len: int = 256
+    sae_batch: int = 0  # rows per SAE Adam step (0: batch_tokens, one step per forward)
+    reuse: float = 1.0  # times each token is used on average (needs buffer_tokens > 0 if > 1)
+    buffer_tokens: int = 0  # per-site shuffle buffer in tokens (0: train on each batch as is)
     lr: float = 2e-3
-    warmup_steps: int = 10
-    decay_frac: float = 0.2  # linear decay to 0 over this final fraction of the steps
+    warmup_steps: int = 10  # in SAE steps
+    decay_frac: float = 0.2  # linear decay to 0 over this final fraction of the SAE steps
     k_aux: int = 64
     aux_coef: float = 1 / 32
-    dead_tokens: int = 20_000  # a latent silent this long gets AuxK gradient
+    dead_tokens: int = 20_000  # a latent silent for this many training rows gets AuxK gradient
     outlier_factor: float = 10.0
     source: str = "default"
     seed: int = 0
     matmul: str = "auto"  # encoder matmul dtype: auto | bfloat16 | float32
     workers: int = 2
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # model forwards
     eval_tokens: int = 8192  # quality: tokens for FVU, L0, dead (0 skips the evaluation)
     eval_loss_tokens: int = 1024  # quality: tokens for loss recovered
+    seed_sites: str = ""  # sites also trained with a second seed (cross-seed stability)
 
     def __post_init__(self):
         for name in ("width", "k", "tokens", "batch_tokens", "seq_len", "workers",
                      "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training setting {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sae_batch", "buffer_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"training setting {name} must be >= 0, got {getattr(self, name)}")
         if self.k > self.width:
             raise ValueError(f"k={self.k} must not exceed width={self.width}")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if not self.reuse > 0:
+            raise ValueError(f"reuse must be positive, got {self.reuse}")
+        if self.buffer_tokens == 0 and (self.reuse != 1 or self.sae_batch not in
+                                        (0, self.seqs_per_batch * self.seq_len)):
+            raise ValueError("reuse != 1 or an SAE batch other than the model batch needs a "
+                             "shuffle buffer (buffer_tokens > 0)")
         if self.matmul not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"matmul must be auto, bfloat16 or float32, got {self.matmul!r}")
 
@@ -88,8 +99,22 @@ class TrainConfig:
         return max(1, self.batch_tokens // self.seq_len)
 
     @property
-    def steps(self) -> int:
+    def forwards(self) -> int:
+        """Model forward passes (each of ``seqs_per_batch`` sequences)."""
         return max(1, -(-self.tokens // (self.seqs_per_batch * self.seq_len)))
+
+    @property
+    def steps_per_forward(self) -> int:
+        """SAE Adam steps each site takes after each forward."""
+        if self.buffer_tokens == 0:
+            return 1
+        rows = self.sae_batch or self.seqs_per_batch * self.seq_len
+        return max(1, round(self.reuse * self.seqs_per_batch * self.seq_len / rows))
+
+    @property
+    def steps(self) -> int:
+        """SAE Adam steps per site over the run."""
+        return self.forwards * self.steps_per_forward
 
     def lr_at(self, step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
@@ -99,14 +124,28 @@ class TrainConfig:
 
 
 # Settings that change the result (the others only change speed or bookkeeping).
-RESULT_FIELDS = ("width", "k", "tokens", "batch_tokens", "seq_len", "lr", "warmup_steps",
+RESULT_FIELDS = ("width", "k", "tokens", "batch_tokens", "seq_len", "sae_batch", "reuse",
+                 "buffer_tokens", "lr", "warmup_steps",
                  "decay_frac", "k_aux", "aux_coef", "dead_tokens", "outlier_factor", "source",
-                 "seed", "matmul")
-STARTER_CONFIG = TrainConfig()
+                 "seed", "matmul", "seed_sites")
+# The starter: 300k tokens, each used twice through a per-site shuffle buffer, Adam steps of
+# 512 rows (1,172 steps per SAE; the old recipe took 293). Chosen with bench/train_recipes.py
+# (docs/training.md, "Recipe experiments").
+STARTER_CONFIG = TrainConfig(tokens=300_000, batch_tokens=2048, sae_batch=512, reuse=2.0,
+                             buffer_tokens=8192, checkpoint_every=25,
+                             seed_sites="6/res,12/res,18/res")
+# Every train-split token of the bundled corpus (~1.99M), the same reuse.
+STANDARD_CONFIG = dataclasses.replace(STARTER_CONFIG, tokens=1_990_000, checkpoint_every=50)
+# For a GPU: 50M tokens (the corpus repeated), large model batches, 4,096-row steps.
+GPU_CONFIG = dataclasses.replace(STARTER_CONFIG, tokens=50_000_000, batch_tokens=16_384,
+                                 sae_batch=4096, reuse=1.0, buffer_tokens=65_536, lr=1e-3,
+                                 checkpoint_every=200, workers=1)
 
 
-def _matmul_dtype(cfg: TrainConfig, d: int) -> torch.dtype:
+def _matmul_dtype(cfg: TrainConfig, d: int, device: torch.device) -> torch.dtype:
     if cfg.matmul == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
         return torch.bfloat16 if bf16_matmul_is_fast(d, cfg.width) else torch.float32
     return getattr(torch, cfg.matmul)
 
@@ -121,12 +160,6 @@ def _single_threaded_ops():
         torch.set_num_threads(prev)
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def _settings(cfg: TrainConfig) -> dict:
     return {f: getattr(cfg, f) for f in RESULT_FIELDS}
 
@@ -138,6 +171,29 @@ def _progress_sites(sites: list[Site]) -> list[Site]:
         ks = [s for s in sites if s.kind == kind]
         if ks:
             out.append(ks[len(ks) // 2])
+    return out
+
+
+SEED_SUFFIX = "@seed2"  # the second-seed replica of a site, for cross-seed stability
+
+
+def make_trainers(cfg: TrainConfig, sites: list[Site], d: int, device="cpu",
+                  matmul_dtype: torch.dtype = torch.float32,
+                  n_layers: int | None = None) -> dict[str, tuple[Site, TopKTrainer]]:
+    """One trainer per site (keyed ``"12/res"``) plus a second-seed replica for each of
+    ``cfg.seed_sites`` (keyed ``"12/res@seed2"``). Every trainer has its own seed: nothing is
+    shared or tied between sites (see docs/training.md, "Nothing couples the sites")."""
+    def make(seed):
+        return TopKTrainer(d, cfg.width, cfg.k, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef,
+                           dead_tokens=cfg.dead_tokens, outlier_factor=cfg.outlier_factor,
+                           seed=seed, matmul_dtype=matmul_dtype, device=device,
+                           buffer_rows=cfg.buffer_tokens)
+    out = {str(s): (s, make(cfg.seed * 100_003 + i)) for i, s in enumerate(sites)}
+    extra = parse_sites(cfg.seed_sites, n_layers) if cfg.seed_sites else []
+    for i, s in enumerate(sorted(extra)):
+        if s not in sites:
+            raise ValueError(f"seed_sites names {s}, which is not among the trained sites")
+        out[str(s) + SEED_SUFFIX] = (s, make(cfg.seed * 100_003 + 50_000 + i))
     return out
 
 
@@ -166,11 +222,8 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
         if not s.residual_basis:
             raise ValueError(f"site {s}: only res, mlp and att sites are trained")
     d = lm.d_model
-    mm_dtype = _matmul_dtype(cfg, d)
-    trainers = {s: TopKTrainer(d, cfg.width, cfg.k, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef,
-                               dead_tokens=cfg.dead_tokens, outlier_factor=cfg.outlier_factor,
-                               seed=cfg.seed * 100_003 + i, matmul_dtype=mm_dtype)
-                for i, s in enumerate(sites)}
+    mm_dtype = _matmul_dtype(cfg, d, lm.device)
+    trainers = make_trainers(cfg, sites, d, lm.device, mm_dtype, lm.n_layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / CHECKPOINT
     spec, name = model_spec or lm.name, name or out_dir.name
@@ -181,7 +234,7 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
         _finish(lm, saes, cfg, out_dir, spec, name, done, progress)
         _cleanup(out_dir)
         return out_dir
-    step, elapsed, cpu = 0, 0.0, 0.0
+    step, elapsed, cpu = 0, 0.0, 0.0  # step counts model forwards
     if ckpt.exists() and resume:
         state = torch.load(ckpt, weights_only=False)
         if state["settings"] != _settings(cfg) or state["sites"] != [str(s) for s in sites]:
@@ -189,19 +242,21 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
             raise ValueError(f"{ckpt}: an interrupted run with other settings "
                              f"({', '.join(diff) or 'sites'}) is in this folder; use another "
                              "--out or restart it (--restart, resume=False)")
-        for s in sites:
-            trainers[s].load_state_dict(state["trainers"][str(s)])
+        for key, (_, t) in trainers.items():
+            t.load_state_dict(state["trainers"][key])
         step, elapsed, cpu = state["step"], state["elapsed"], state.get("cpu", 0.0)
         torch.set_rng_state(state["rng"])
         if progress:
-            print(f"saeflow: resuming {out_dir} at step {step}/{cfg.steps}")
+            print(f"saeflow: resuming {out_dir} at forward {step}/{cfg.forwards}")
     batches = token_batches(lm.tokenizer, cfg.seq_len, cfg.seqs_per_batch, cfg.source, "train",
                             seed=cfg.seed, repeat=True, start=step)
     shown = _progress_sites(sites)
     ema: dict[Site, float] = {}
     taps = SiteTaps(lm, sites)
     tok_per_step = cfg.seqs_per_batch * cfg.seq_len
-    bar = tqdm(total=cfg.steps * tok_per_step, initial=step * tok_per_step, unit="tok",
+    spf = cfg.steps_per_forward
+    rows_per_step = cfg.sae_batch or tok_per_step
+    bar = tqdm(total=cfg.forwards * tok_per_step, initial=step * tok_per_step, unit="tok",
                unit_scale=True, desc=f"training {len(sites)} SAEs", disable=not progress,
                smoothing=0.1)
 
@@ -209,33 +264,40 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
         with torch.no_grad():
             return taps.record(ids)
 
-    def sae_step(args):
-        s, h, lr = args
+    def sae_steps(args):
+        key, h, first = args
         with torch.no_grad():
-            t = trainers[s]
-            return s, t.step(t.prepare(h), lr).loss
+            s, t = trainers[key]
+            if t.buffer is None:
+                return s, t.step(t.prepare(h), cfg.lr_at(first)).loss
+            t.add(h)
+            loss = 0.0
+            for j in range(spf):
+                loss = t.step(t.sample(rows_per_step), cfg.lr_at(first + j)).loss
+            return s, loss
 
     def checkpoint():
-        _save_checkpoint(ckpt, {"settings": _settings(cfg), "sites": [str(s) for s in sites],
+        save_checkpoint(ckpt, {"settings": _settings(cfg), "sites": [str(s) for s in sites],
                                 "step": step, "elapsed": elapsed, "cpu": cpu,
                                 "rng": torch.get_rng_state(),
-                                "trainers": {str(s): t.state_dict() for s, t in trainers.items()}})
+                                "trainers": {k: t.state_dict() for k, (_, t) in trainers.items()}})
 
+    tune_malloc()
     with _single_threaded_ops(), taps.installed(), \
             ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        while step < cfg.steps:
+        while step < cfg.forwards:
             t0, c0 = time.perf_counter(), time.process_time()
             ids = next(batches)
             parts = list(pool.map(forward, ids.chunk(min(cfg.workers, ids.shape[0]))))
             acts = {s: torch.cat([p[s] for p in parts]) for s in sites}
-            lr = cfg.lr_at(step)
-            for s, loss in pool.map(sae_step, [(s, acts[s], lr) for s in sites]):
+            work = [(key, acts[s], step * spf) for key, (s, _) in trainers.items()]
+            for s, loss in pool.map(sae_steps, work):
                 ema[s] = loss if s not in ema else 0.9 * ema[s] + 0.1 * loss
-            del acts, parts
+            del acts, parts, work
             step += 1
             elapsed += time.perf_counter() - t0
             cpu += time.process_time() - c0
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if step % cfg.checkpoint_every == 0 and step < cfg.forwards:
                 checkpoint()
             bar.update(tok_per_step)
             post = {"loss": f"{sum(ema.values()) / len(ema):.3f}"}
@@ -273,21 +335,34 @@ def _cleanup(out_dir: Path) -> None:
     (out_dir / TRAINED).unlink(missing_ok=True)
 
 
+SEEDS_DIR = "seeds"  # second-seed replicas (cross-seed stability), one SAELens folder each
+
+
 def _write_saes(lm, trainers: dict, cfg: TrainConfig, out_dir: Path,
                 model_spec: str) -> dict[Site, SAE]:
     from saeflow.formats import save_saelens
     saes = {}
-    for s, t in trainers.items():
+    for key, (s, t) in trainers.items():
         meta = {"saeflow_training": {**_settings(cfg), "trained_tokens": t.tokens,
-                                     "steps": t.steps, "input_scale": t.scale,
-                                     "outlier_max_norm": t.max_norm,
+                                     "steps": t.steps, "init_seed": t.seed,
+                                     "input_scale": t.scale, "outlier_max_norm": t.max_norm,
                                      "model_dtype": str(lm.dtype).replace("torch.", ""),
                                      "model_spec": model_spec},
                 "decoder_rows": "norm = 1/input_scale (unit norm in the training space)"}
         sae = t.sae(s, meta)
-        save_saelens(sae, out_dir / s.slug, model_name=lm.name, extra=meta)
-        saes[s] = sae
+        replica = key.endswith(SEED_SUFFIX)
+        save_saelens(sae, out_dir / SEEDS_DIR / s.slug if replica else out_dir / s.slug,
+                     model_name=lm.name, extra=meta)
+        if not replica:
+            saes[s] = sae
     return saes
+
+
+def _seed_replicas(out_dir: Path, cfg: TrainConfig, n_layers: int) -> dict[Site, SAE]:
+    from saeflow.formats import load_sae
+    sites = parse_sites(cfg.seed_sites, n_layers) if cfg.seed_sites else []
+    return {s: load_sae(out_dir / SEEDS_DIR / s.slug, s) for s in sites
+            if (out_dir / SEEDS_DIR / s.slug).exists()}
 
 
 def _finish(lm, saes: dict[Site, SAE], cfg: TrainConfig, out_dir: Path, model_spec: str,
@@ -302,11 +377,18 @@ def _finish(lm, saes: dict[Site, SAE], cfg: TrainConfig, out_dir: Path, model_sp
         quality.write_reports(rows, out_dir, title=f"{name} ({lm.name})")
         if progress:
             print(quality.format_table(rows))
-    steps, elapsed, cpu = cfg.steps, timing["elapsed"], timing.get("cpu", 0.0)
-    tokens = steps * cfg.seqs_per_batch * cfg.seq_len
+    from saeflow import convergence
+    from saeflow.suite import Suite
+    conv = convergence.report(Suite.from_saes(saes), _seed_replicas(out_dir, cfg, lm.n_layers))
+    convergence.plot(conv, out_dir / "convergence.png", title=f"{name}: adjacent-layer matching")
+    if progress:
+        print(convergence.format_report(conv))
+    elapsed, cpu = timing["elapsed"], timing.get("cpu", 0.0)
+    tokens = cfg.forwards * cfg.seqs_per_batch * cfg.seq_len
     info = {"model": model_spec, "name": name, "model_name": lm.name,
             "sites": [str(s) for s in sorted(saes)],
-            "training": {**dataclasses.asdict(cfg), "steps": steps,
+            "training": {**dataclasses.asdict(cfg), "forwards": cfg.forwards, "steps": cfg.steps,
+                         "rows_per_step": cfg.sae_batch or cfg.seqs_per_batch * cfg.seq_len,
                          "tokens_trained": tokens, "wall_seconds": round(elapsed, 1),
                          "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1),
                          # CPU time of all threads: wall time on `workers` free cores is about
@@ -315,34 +397,55 @@ def _finish(lm, saes: dict[Site, SAE], cfg: TrainConfig, out_dir: Path, model_sp
                          "cpu_seconds_per_1k_tokens": round(1000 * cpu / max(tokens, 1), 2),
                          "encoder_matmul_dtype": timing.get("matmul_dtype"),
                          "model_dtype": str(lm.dtype).replace("torch.", "")},
-            "quality": quality.rows_to_json(rows), "quality_summary": quality.summarize(rows)}
+            "quality": quality.rows_to_json(rows), "quality_summary": quality.summarize(rows),
+            "convergence": conv}
     write_json_atomic(out_dir / SUITE_JSON, info)
 
 
-# ---- the starter suite -----------------------------------------------------------------
+# ---- named suites by budget -------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    """A named training budget for the embedded model: what ``saeflow train --profile NAME``
+    and a suite name like ``starter`` or ``standard`` mean."""
+    name: str
+    config: TrainConfig
+    about: str  # budget, as measured (docs/training.md)
+    sites: str = "all"
+    model: str = "smollm2"
+    device: str = "cpu"
+
+    @property
+    def folder(self) -> Path:
+        from saeflow.models import cache_dir
+        return cache_dir() / "suites" / f"{self.model}-{self.name}"
+
+
+PROFILES = {p.name: p for p in (
+    Profile("starter", STARTER_CONFIG, "about 15 minutes on 2 free CPU cores"),
+    Profile("standard", STANDARD_CONFIG, "about 60 minutes on 2 free CPU cores"),
+    Profile("gpu", GPU_CONFIG, "for a CUDA GPU (--device cuda); not timed here", device="cuda"),
+)}
+
+
+def profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown training profile {name!r}; known: {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
 def starter_dir() -> Path:
-    from saeflow.models import cache_dir
-    return cache_dir() / "suites" / STARTER_NAME
-
-
-@contextmanager
-def _folder_lock(folder: Path):
-    """Only one process trains into ``folder`` at a time; others wait for it."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"saeflow: another process is training {folder}; waiting for it to finish")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return PROFILES["starter"].folder
 
 
 def is_complete(folder: Path) -> bool:
     return (Path(folder) / SUITE_JSON).exists()
+
+
+def _stale(folder: Path, cfg: TrainConfig) -> list[str]:
+    """Settings in which a complete suite in ``folder`` differs from ``cfg``."""
+    done = json.loads((folder / SUITE_JSON).read_text()).get("training", {})
+    return [f for f in RESULT_FIELDS if done.get(f, getattr(TrainConfig, f, None)) !=
+            getattr(cfg, f)]
 
 
 def ensure_trained(folder: Path, sites, cfg: TrainConfig, model_spec: str = "smollm2",
@@ -353,7 +456,8 @@ def ensure_trained(folder: Path, sites, cfg: TrainConfig, model_spec: str = "smo
     folder = Path(folder)
     if is_complete(folder):
         return folder
-    with _folder_lock(folder):
+    with file_lock(folder.parent / f".{folder.name}.lock",
+                   waiting=f"another process is training {folder}; waiting for it to finish"):
         if is_complete(folder):  # another process finished it while we waited
             return folder
         lm = load_model(model_spec, device=device, dtype=dtype)
@@ -361,19 +465,35 @@ def ensure_trained(folder: Path, sites, cfg: TrainConfig, model_spec: str = "smo
                            resume=resume, progress=progress)
 
 
+def ensure_profile_suite(name: str = "starter", device: str | None = None,
+                         progress: bool = True) -> Path:
+    """The suite of a named profile, trained on first use and cached. A cached suite trained
+    with other settings (an older recipe) is retrained, with a message saying why."""
+    prof = profile(name)
+    folder = prof.folder
+    cfg = prof.config
+    if is_complete(folder):
+        stale = _stale(folder, cfg)
+        if not stale:
+            return folder
+        print(f"saeflow: the cached {name} suite in {folder} was trained with other settings "
+              f"({', '.join(stale)}); training the current recipe instead")
+        (folder / SUITE_JSON).unlink()
+        discard_run(folder)
+    tokens = cfg.tokens
+    print(f"saeflow: training the {name} suite first. No pretrained SAEs ship for the embedded "
+          f"model (SmolLM2-135M), so saeflow trains its own: TopK SAEs at every res, mlp and "
+          f"att site (width {cfg.width}, k {cfg.k}) on {tokens:,} tokens of bundled text, each "
+          f"token used {cfg.reuse:g} times. This takes {prof.about} (longer when the machine "
+          f"is busy), once; the result is cached in {folder} and an interrupted run resumes "
+          f"where it stopped.")
+    return ensure_trained(folder, prof.sites, cfg, prof.model, device=device or prof.device,
+                          name=f"{prof.model}-{name}", progress=progress)
+
+
 def ensure_starter_suite(device: str = "cpu") -> Path:
     """The SmolLM2 starter suite (all 30 layers x res, mlp, att); trained on first use."""
-    folder = starter_dir()
-    if is_complete(folder):
-        return folder
-    cfg = STARTER_CONFIG
-    print(f"saeflow: training the starter suite first. No pretrained SAEs ship for the embedded "
-          f"model (SmolLM2-135M), so saeflow trains its own: 90 TopK SAEs (30 layers x res, "
-          f"mlp, att; width {cfg.width}, k {cfg.k}) on {cfg.tokens:,} tokens of bundled text. "
-          f"This takes about 15 minutes on 2 free CPU cores (longer when the machine is busy), "
-          f"once; the result is cached in "
-          f"{folder} and an interrupted run resumes where it stopped.")
-    return ensure_trained(folder, "all", cfg, "smollm2", device=device, name=STARTER_NAME)
+    return ensure_profile_suite("starter", device)
 
 
 def train_quick(out_dir: str | Path, sites: str = "0-3/res,0-3/mlp,0-3/att",
@@ -393,5 +513,5 @@ def discard_run(folder: Path) -> None:
     _cleanup(folder)
     if folder.exists() and not is_complete(folder):
         for sub in folder.iterdir():
-            if sub.is_dir() and (sub / "cfg.json").exists():
+            if sub.is_dir() and ((sub / "cfg.json").exists() or sub.name == SEEDS_DIR):
                 shutil.rmtree(sub)

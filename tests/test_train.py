@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from saeflow.formats import load_sae
 from saeflow.models import lm_from_model
 from saeflow.sites import Site
-from saeflow.suite import load_suite
+from saeflow.catalog import load_suite
 from saeflow.topk import (TopKParams, TopKTrainer, dense_topk_loss, init_params, rows_grad,
                           topk_step)
 from saeflow.train import CHECKPOINT, TrainConfig, train_suite
@@ -142,11 +142,16 @@ def _weights(folder):
     return {p.name: load_sae(p) for p in sorted(folder.iterdir()) if (p / "cfg.json").exists()}
 
 
-def test_suite_training_resume_after_kill_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("buffered", [False, True])
+def test_suite_training_resume_after_kill_is_bitwise_identical(tmp_path, buffered):
     source = text_file(tmp_path)
+    extra = dict(buffer_tokens=300, sae_batch=48, reuse=2.0) if buffered else {}
     cfg = TrainConfig(width=64, k=4, tokens=8 * 128, batch_tokens=128, seq_len=32, lr=3e-3,
                       warmup_steps=2, k_aux=8, dead_tokens=64, source=source,
-                      checkpoint_every=3, eval_tokens=128, eval_loss_tokens=64, workers=2)
+                      checkpoint_every=3, eval_tokens=128, eval_loss_tokens=64, workers=2,
+                      **extra)
+    if buffered:
+        assert cfg.steps_per_forward == 5 and cfg.steps == 40
     sites = "0-1/res,1/mlp,2/att"
     full = train_suite(tiny_lm(), sites, cfg, tmp_path / "full", progress=False)
 
@@ -205,13 +210,48 @@ def test_saved_sae_works_on_raw_activations(tmp_path):
     assert fvu < 1.0
 
 
+def test_row_buffer_keeps_the_newest_rows_and_samples_only_held_rows():
+    from saeflow.topk import RowBuffer
+    buf = RowBuffer(5, 2, seed=0)
+    buf.add(torch.arange(6.0).reshape(3, 2))  # rows 0, 1, 2
+    assert buf.n == 3 and set(buf.sample(50)[:, 0].tolist()) <= {0.0, 2.0, 4.0}
+    buf.add(torch.arange(6.0, 14.0).reshape(4, 2))  # rows 3..6: rows 0 and 1 are overwritten
+    assert buf.n == 5
+    assert sorted(buf.rows[:, 0].tolist()) == [4.0, 6.0, 8.0, 10.0, 12.0]
+    assert set(buf.sample(200)[:, 0].tolist()) == {4.0, 6.0, 8.0, 10.0, 12.0}
+    buf.add(torch.arange(100.0, 116.0).reshape(8, 2))  # more rows than it holds: the last 5
+    assert sorted(buf.rows[:, 0].tolist()) == [106.0, 108.0, 110.0, 112.0, 114.0]
+    again = RowBuffer(5, 2)
+    again.load_state_dict(buf.state_dict())
+    assert torch.equal(again.sample(20), buf.sample(20))
+
+
+def test_buffered_training_takes_several_steps_per_forward(tmp_path):
+    """reuse 3 with SAE minibatches of a quarter forward: 12 Adam steps per forward, and each
+    token is used about 3 times (rows trained = reuse x rows kept)."""
+    source = text_file(tmp_path)
+    cfg = TrainConfig(width=32, k=4, tokens=4 * 128, batch_tokens=128, seq_len=32,
+                      buffer_tokens=256, sae_batch=32, reuse=3.0, source=source, eval_tokens=0)
+    assert cfg.steps_per_forward == 12 and cfg.steps == 48
+    out = train_suite(tiny_lm(), "1/res", cfg, tmp_path / "b", progress=False)
+    sae = load_sae(out / "1-res")
+    meta = sae.metadata["saeflow_training"]
+    assert meta["steps"] == 48 and meta["trained_tokens"] == 48 * 32
+    info = json.loads((out / "suite.json").read_text())["training"]
+    assert info["forwards"] == 4 and info["steps"] == 48 and info["rows_per_step"] == 32
+
+
 def test_config_validation():
+    with pytest.raises(ValueError, match="buffer"):
+        TrainConfig(reuse=2.0)
+    with pytest.raises(ValueError, match="buffer"):
+        TrainConfig(sae_batch=256)
     with pytest.raises(ValueError, match="k=40"):
         TrainConfig(width=32, k=40)
     with pytest.raises(ValueError, match="matmul"):
         TrainConfig(matmul="int8")
     cfg = TrainConfig(tokens=10_000, batch_tokens=1000, seq_len=100, warmup_steps=2)
-    assert cfg.steps == 10
+    assert cfg.steps == cfg.forwards == 10
     assert cfg.lr_at(0) == pytest.approx(cfg.lr / 2)
     assert cfg.lr_at(5) == pytest.approx(cfg.lr)
     assert cfg.lr_at(9) == pytest.approx(cfg.lr / 2)
@@ -275,3 +315,40 @@ def test_cli_trains_a_small_real_suite(tmp_path, capsys):
     assert "already holds a trained suite" in capsys.readouterr().out
     assert main(["quality", str(out), "--cached"]) == 0
     assert "med FVU" in capsys.readouterr().out
+
+
+def test_no_two_sites_start_from_correlated_weights():
+    """Nothing couples the sites: every pair of trainers starts from weights no more alike
+    than two independently drawn random dictionaries (the median top-1 |cosine| between their
+    decoder rows, and the same-index cosine, stay within the spread of independent draws)."""
+    from saeflow.train import make_trainers
+    d, width = 24, 64
+    cfg = TrainConfig(width=width, k=4, seed_sites="1/res,2/res")
+    sites = [Site.parse(s) for s in ("0/res", "1/res", "1/mlp", "1/att", "2/res")]
+    trainers = make_trainers(cfg, sites, d, n_layers=3)
+    assert len(trainers) == 7  # five sites and two second-seed replicas
+    assert len({t.seed for _, t in trainers.values()}) == 7
+
+    def unit(W):
+        return torch.nn.functional.normalize(W.detach(), dim=-1)
+
+    def stats(A, B):
+        c = unit(A) @ unit(B).T
+        return float(c.abs().max(1).values.median()), float(c.diagonal().abs().mean())
+
+    g = torch.Generator().manual_seed(123)
+    null = [stats(torch.randn(width, d, generator=g), torch.randn(width, d, generator=g))
+            for _ in range(200)]
+    top_hi = sorted(x[0] for x in null)[-1]
+    diag_hi = sorted(x[1] for x in null)[-1]
+    ts = [t for _, t in trainers.values()]
+    for i in range(len(ts)):
+        for j in range(i + 1, len(ts)):
+            for a, b in ((ts[i].params.W_dec_FD, ts[j].params.W_dec_FD),
+                         (ts[i].params.W_enc_FD, ts[j].params.W_enc_FD)):
+                top, diag = stats(a, b)
+                assert top <= top_hi and diag <= diag_hi, (i, j, top, diag)
+    # and the check can fail: a trainer built from another's seed is caught
+    twin = TopKTrainer(d, width, 4, seed=ts[0].seed)
+    top, diag = stats(ts[0].params.W_dec_FD, twin.params.W_dec_FD)
+    assert top > top_hi and diag > diag_hi
