@@ -13,7 +13,7 @@ import sys
 from saeflow.commands import add_model_args  # noqa: F401  (where commands used to find it)
 
 COMMANDS = ["train", "quality", "atlas", "graph", "match", "permute", "prune", "deactivate",
-            "steer", "steer_eval", "themes", "contexts", "view", "demo", "info"]
+            "groups", "steer", "steer_eval", "themes", "contexts", "view", "demo", "info"]
 
 
 def build_parser() -> argparse.ArgumentParser:
