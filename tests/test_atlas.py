@@ -71,6 +71,14 @@ def test_load_is_fast_and_memory_mapped(planted):
     info = json.loads((out / "atlas.json").read_text())
     assert info["schema"] == "saeflow.atlas/1" and "threshold_rule" in info
     assert set(info["thresholds"]["2"]) == {"res", "mlp", "att"}
+    # the atlas says which rule and which numbers it used
+    assert info["threshold_settings"] == {"null": "gaussian", "quantile": 0.99, "min_cos": 0.2,
+                                          "calibration": None}
+    assert "gaussian null" in info["threshold_rule"] and "0.2" in info["threshold_rule"]
+    for kind in ("res", "mlp", "att"):
+        t, n = info["thresholds"]["2"][kind], info["null_thresholds"]["2"][kind]
+        assert t == max(n, 0.2)
+    assert np.isnan(info["null_thresholds"]["0"]["res"])
 
 
 def test_bad_feature_ids(planted):
