@@ -122,17 +122,31 @@ def _read_spec(path: Path) -> dict:
 
 
 def _scan_folder(folder: Path) -> dict[Site, Path]:
-    """Every SAE folder directly inside ``folder``, keyed by the site its file names."""
-    from saeflow.formats import READERS
+    """Every SAE folder directly inside ``folder``, keyed by the site its file names. A folder
+    with part of an SAE's files (or whose files do not agree) is an error, not skipped."""
+    from saeflow.formats import READERS, incomplete_sae
     found: dict[Site, Path] = {}
     for sub in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
         if not any(detect(sub) for _, detect, _ in READERS):
+            why = incomplete_sae(sub)  # part of an SAE: never drop its site silently
+            if why:
+                raise SAEFileError(f"suite folder {folder}: {why}")
             continue
         sae_site = load_sae(sub).site  # reads the config; weights are small next to a model
         if sae_site in found:
             raise ValueError(f"{folder}: two SAEs for site {sae_site}: {found[sae_site]} and {sub}")
         found[sae_site] = sub
     return found
+
+
+def _check_listed(folder: Path, paths: dict[Site, Path]) -> None:
+    """Every site ``suite.json`` lists must have an SAE folder that a reader claims."""
+    from saeflow.formats import READERS, incomplete_sae
+    for site, sub in paths.items():
+        if not any(detect(sub) for _, detect, _ in READERS):
+            why = incomplete_sae(sub) or (f"{sub}: not an SAE in any format saeflow reads"
+                                          if sub.exists() else f"{sub}: no such folder")
+            raise SAEFileError(f"suite folder {folder}: {SUITE_JSON} lists site {site}, but {why}")
 
 
 def read_suite(path: str | Path, model: str | None = None) -> Suite:
@@ -145,6 +159,8 @@ def read_suite(path: str | Path, model: str | None = None) -> Suite:
             sites = info.get("sites")
             paths = ({Site.parse(s): path / Site.parse(s).slug for s in sites} if sites
                      else _scan_folder(path))
+            if sites:
+                _check_listed(path, paths)
         else:
             paths = _scan_folder(path)
         if not paths:

@@ -466,3 +466,54 @@ def test_saelens_writer_marks_hook_z(tmp_path):
     cfg = json.loads((save_saelens(sae.replace(site=Site(2, "att")), tmp_path / "a")
                       / "cfg.json").read_text())
     assert cfg["reshape_activations"] == "none"
+
+
+# ---- broken SAE folders inside a suite folder fail loudly -----------------------------
+def small_suite(folder):
+    from saeflow.sae import SAE
+    from saeflow.suite import Suite
+    saes = {f"{layer}/res": SAE(W_enc=rand(D, F, seed=layer), b_enc=torch.zeros(F),
+                                W_dec=rand(F, D, seed=layer + 9), b_dec=torch.zeros(D))
+            for layer in range(3)}
+    Suite.from_saes(saes, model="tiny", name="small").save(folder)
+    (folder / "notes").mkdir()  # a folder with no SAE file in it is not part of the suite
+    (folder / "notes" / "README.txt").write_text("not an SAE")
+    return folder
+
+
+def test_suite_folder_with_a_broken_sae_stops_atlas(tmp_path, capsys):
+    from saeflow.cli import main
+    from saeflow.suite import read_suite
+    suite = small_suite(tmp_path / "suite")
+    assert read_suite(suite).sites() == [Site(0, "res"), Site(1, "res"), Site(2, "res")]
+    cfg = json.loads((suite / "1-res" / "cfg.json").read_text())
+    write_json(suite / "1-res" / "cfg.json", {**cfg, "d_in": D * 2})
+    assert main(["atlas", str(suite), "--out", str(tmp_path / "atlas")]) == 2
+    err = capsys.readouterr().err
+    assert "1-res" in err and "d_in is 12" in err and "disagree" in err
+    write_json(suite / "1-res" / "cfg.json", cfg)
+    (suite / "2-res" / "sae_weights.safetensors").unlink()
+    assert main(["atlas", str(suite), "--out", str(tmp_path / "atlas")]) == 2
+    err = capsys.readouterr().err
+    assert "2-res" in err and "incomplete SAE folder" in err and "sae_weights.safetensors" in err
+    assert not (tmp_path / "atlas").exists()
+    with pytest.raises(SAEFileError, match=r"2-res: an incomplete SAE folder: it has cfg.json"):
+        read_suite(suite)
+    with pytest.raises(SAEFileError, match="incomplete SAE folder"):
+        load_sae(suite / "2-res")
+
+
+def test_suite_json_sites_must_all_be_there(tmp_path):
+    from saeflow.suite import read_suite
+    suite = small_suite(tmp_path / "suite")
+    info = json.loads((suite / "suite.json").read_text())
+    write_json(suite / "suite.json", {**info, "sites": ["0/res", "1/res", "2/res"]})
+    assert len(read_suite(suite)) == 3
+    write_json(suite / "suite.json", {**info, "sites": ["0/res", "1/res", "2/res", "3/res"]})
+    with pytest.raises(SAEFileError, match=r"suite.json lists site 3/res, but .*3-res: no such"):
+        read_suite(suite)
+    write_json(suite / "suite.json", {**info, "sites": ["0/res", "1/res", "2/res"]})
+    (suite / "0-res" / "cfg.json").unlink()
+    with pytest.raises(SAEFileError, match=r"lists site 0/res, but .*0-res: an incomplete SAE "
+                                           r"folder: it has sae_weights.safetensors but no cfg.json"):
+        read_suite(suite)
