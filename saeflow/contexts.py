@@ -133,7 +133,7 @@ def _vocab_strings(tokenizer, tokens: Tensor, known: dict[str, str]) -> dict[str
 
 
 @torch.no_grad()
-def context_sites(atlas, suite, sites: str | None = None) -> list:
+def context_sites(atlas, suite, sites: str | None = None) -> list[Site]:
     """The sites of both the atlas and the suite, or the ``sites`` spec (e.g. ``10-14/res``),
     each of which must be in both."""
     from saeflow.sites import parse_sites
@@ -162,16 +162,16 @@ def compute_contexts(lm, suite, atlas_dir: str | Path, settings: ContextSettings
     settings = settings or ContextSettings()
     if texts is not None:
         settings = ContextSettings(**{**asdict(settings), "source": "texts"})
-    sites = sorted(Site.parse(s) for s in (sites if sites is not None else suite.sites()))
-    if not sites:
+    chosen = sorted(Site.parse(s) for s in (sites if sites is not None else suite.sites()))
+    if not chosen:
         raise ValueError("contexts: no sites to compute")
-    missing = [str(s) for s in sites if s not in suite]
+    missing = [str(s) for s in chosen if s not in suite]
     if missing:
         raise ValueError(f"contexts: the suite has no SAE at {', '.join(missing)}")
     folder = Path(atlas_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CONTEXTS_FILE
-    meta = {"format": FORMAT, "settings": asdict(settings), "sites": [str(s) for s in sites],
+    meta = {"format": FORMAT, "settings": asdict(settings), "sites": [str(s) for s in chosen],
             "model": lm.name}
     k = settings.top_k
     state: dict[str, Tensor] = {}
@@ -190,12 +190,12 @@ def compute_contexts(lm, suite, atlas_dir: str | Path, settings: ContextSettings
         elif progress:
             print(f"saeflow contexts: {path} was computed with other settings or sites; "
                   "replacing it")
-    for s in sites:
+    for s in chosen:
         F = suite[s].d_sae
         state.setdefault(f"{s.slug}/act", torch.zeros(F, k))
         state.setdefault(f"{s.slug}/seq", torch.full((F, k), -1, dtype=torch.int32))
         state.setdefault(f"{s.slug}/pos", torch.full((F, k), -1, dtype=torch.int32))
-    saes = {s: suite[s].to(device=lm.device) for s in sites}
+    saes = {s: suite[s].to(device=lm.device) for s in chosen}
 
     def checkpoint(complete: bool):
         toks = torch.cat(tokens) if tokens else torch.zeros(0, settings.seq_len, dtype=torch.int32)
@@ -215,8 +215,8 @@ def compute_contexts(lm, suite, atlas_dir: str | Path, settings: ContextSettings
             if i < done:
                 continue
             ids = ids[:, : settings.seq_len]
-            hidden = run_sites(lm, ids, sites)
-            for s in sites:
+            hidden = run_sites(lm, ids, chosen)
+            for s in chosen:
                 acts = saes[s].encode(hidden[s][:, 1:].float()).cpu()  # [B, T-1, F]
                 key = s.slug
                 state[f"{key}/act"], state[f"{key}/seq"], state[f"{key}/pos"] = merge_topk(

@@ -98,7 +98,7 @@ def _graphs(steering, out: Path) -> dict:
     graphs = {}
     for run in steering.runs:
         seed, graph = Feature.parse(run.setup.info["seed"]), run.setup.graph
-        svg = render(graph, "svg")
+        svg = str(render(graph, "svg"))
         name = f"{seed.site.slug}-{seed.index}"
         write_json_atomic(out / "graphs" / f"{name}.json", graph.to_json())
         write_text(out / "graphs" / f"{name}.svg", svg)

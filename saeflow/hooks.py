@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from saeflow.models import LM
 from saeflow.sites import Site
 
-EditFn = Callable[[Tensor], Tensor]
+EditFn = Callable[[Tensor], Tensor | None]  # a new hidden state, or None: unchanged
 
 
 def _main(out):

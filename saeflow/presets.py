@@ -249,7 +249,7 @@ def open_preset(name: str, model: str | None = None, sites=None):
             raise KeyError(f"preset {name!r} has no SAE at {s}; it covers layers "
                            f"0..{preset.n_layers - 1} of kinds "
                            f"{', '.join(p.kind for p in preset.packs)}")
-    paths: dict[Site, Path] = {}
+    paths: dict[Site, Path | None] = {}
     problems = []
     for pack in preset.packs:  # try every pack, so one error lists everything that is missing
         layers = [s.layer for s in wanted if s.kind == pack.kind]

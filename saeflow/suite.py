@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from saeflow.formats import load_sae, save_saelens
 from saeflow.io import write_json_atomic
@@ -41,13 +41,20 @@ class Suite:
     @classmethod
     def from_saes(cls, saes: dict[Site | str, SAE] | Iterable[SAE], model: str | None = None,
                   name: str = "suite") -> Suite:
-        if not isinstance(saes, dict):
-            saes = {s.site: s for s in saes}
-        saes = {Site.parse(k): v for k, v in saes.items()}
-        for site, sae in saes.items():
-            if sae.site is None:
-                saes[site] = sae.replace(site=site)
-        return cls(paths={s: None for s in saes}, model=model, name=name, _saes=dict(saes))
+        pairs: list[tuple[Site | str | None, SAE]]
+        if isinstance(saes, dict):
+            pairs = list(cast("dict[Site | str, SAE]", saes).items())
+        else:
+            pairs = [(s.site, s) for s in saes]
+        by_site: dict[Site, SAE] = {}
+        for key, sae in pairs:
+            if key is None:
+                raise ValueError(f"suite {name!r}: an SAE without a site ({sae.source}); pass "
+                                 "a {site: SAE} mapping")
+            site = Site.parse(key)
+            by_site[site] = sae if sae.site is not None else sae.replace(site=site)
+        paths: dict[Site, Path | None] = {s: None for s in by_site}
+        return cls(paths=paths, model=model, name=name, _saes=by_site)
 
     # ---- access -----------------------------------------------------------------------
     def sites(self, kind: str | None = None) -> list[Site]:
@@ -70,7 +77,11 @@ class Suite:
             raise KeyError(f"suite {self.name!r} has no SAE at {site}; it has: "
                            f"{', '.join(map(str, self.sites()))}")
         if site not in self._saes:
-            sae = load_sae(self.paths[site], site)
+            path = self.paths[site]
+            if path is None:  # from_saes keeps every SAE, so this is a suite built by hand
+                raise KeyError(f"suite {self.name!r}: the SAE at {site} is neither in memory "
+                               "nor on disk")
+            sae = load_sae(path, site)
             if sae.site != site:
                 raise SAEFileError(f"{self.paths[site]}: its hook names site {sae.site}, but the "
                                    f"suite lists it as {site}")
@@ -133,6 +144,9 @@ def _scan_folder(folder: Path) -> dict[Site, Path]:
                 raise SAEFileError(f"suite folder {folder}: {why}")
             continue
         sae_site = load_sae(sub).site  # reads the config; weights are small next to a model
+        if sae_site is None:
+            raise ValueError(f"{sub}: the SAE's file names no site (its hook name); list the "
+                             "suite's SAEs in a spec file instead")
         if sae_site in found:
             raise ValueError(f"{folder}: two SAEs for site {sae_site}: {found[sae_site]} and {sub}")
         found[sae_site] = sub
@@ -152,24 +166,27 @@ def _check_listed(folder: Path, paths: dict[Site, Path]) -> None:
 def read_suite(path: str | Path, model: str | None = None) -> Suite:
     """Open a suite folder or spec file (module docstring); ``model`` overrides its model."""
     path = Path(path).expanduser()
+    paths: dict[Site, Path | None]
     if path.is_dir():
         info = {}
         if (path / SUITE_JSON).exists():
             info = json.loads((path / SUITE_JSON).read_text())
             sites = info.get("sites")
-            paths = ({Site.parse(s): path / Site.parse(s).slug for s in sites} if sites
-                     else _scan_folder(path))
             if sites:
-                _check_listed(path, paths)
+                listed = {Site.parse(s): path / Site.parse(s).slug for s in sites}
+                _check_listed(path, listed)
+                paths = dict(listed)
+            else:
+                paths = dict(_scan_folder(path))
         else:
-            paths = _scan_folder(path)
+            paths = dict(_scan_folder(path))
         if not paths:
             raise ValueError(f"{path}: no SAE folders found inside")
         return Suite(paths=paths, model=model or info.get("model"),
                      name=info.get("name", path.name), root=path, info=info)
     if path.suffix in (".json", ".toml") and path.exists():
         data = _read_spec(path)
-        paths: dict[Site, Path | None] = {}
+        paths = {}
         if "folder" in data:
             paths.update(read_suite(path.parent / data["folder"]).paths)
         for site, p in (data.get("saes") or {}).items():

@@ -84,7 +84,7 @@ def corpus_embeddings(texts: Sequence[str], embed: Embedder, cache: bool = True)
     if len(texts) > 500:
         print(f"saeflow: embedding {len(texts)} corpus paragraphs once (cached in {path.parent})")
     try:
-        E = embed(texts, progress=len(texts) > 500)
+        E = embed(texts, progress=len(texts) > 500)  # pyright: ignore[reportCallIssue]
     except TypeError:  # an embedder without a progress option
         E = embed(texts)
     E = E.half()  # as stored, so the first run and later runs retrieve the same paragraphs

@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     data = render(graph, args.format)
     if args.out:
         out = Path(args.out)
-        (write_bytes if isinstance(data, bytes) else write_text)(out, data)
+        if isinstance(data, bytes):
+            write_bytes(out, data)
+        else:
+            write_text(out, data)
         print(f"{len(graph.nodes)} nodes, {len(graph.edges)} edges -> {out}", file=sys.stderr)
     elif isinstance(data, bytes):
         if sys.stdout.isatty():

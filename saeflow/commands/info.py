@@ -81,8 +81,7 @@ def run(args) -> int:
     suite = load_suite(target)
     rows = []
     for site in suite.sites():
-        sae = suite._saes.get(site) or load_sae(suite.paths[site], site)
-        rows.append(sae_row(sae))
+        rows.append(sae_row(suite[site]))
     out = {"suite": suite.name, "model": suite.model, "n_sites": len(rows),
            "layers": suite.layers, "sites": rows}
     if args.json:

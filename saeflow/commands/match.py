@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             _write_csv(args.out, ["index_a", "index_b", "cos"],
                        ([i, int(j), f"{c:.6f}"] for i, (j, c) in enumerate(zip(res.perm, cos))))
         return 0
+    assert dirs is not None  # (None only for --permutation)
     stats: dict = {}
     fwd, back = cosine_topk_pair(dirs[0], dirs[1], k=args.k, block=args.block,
                                  precision=args.precision, stats=stats)

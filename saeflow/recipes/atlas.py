@@ -52,9 +52,14 @@ def atlas_model(suite, labels: bool, device: str = "cpu", dtype: str = "float32"
 def build_atlas(suite, opts: AtlasOptions, lm=None, out: str | Path | None = None) -> AtlasRun:
     """Compute (or resume) the atlas into ``out``, or into / from the cache without one."""
     from saeflow.atlas import compute_atlas, ensure_atlas
-    kw = dict(k=opts.k, block=opts.block, precision=opts.precision,
-              null_samples=opts.null_samples, labels=opts.labels, quantile=opts.quantile,
-              thresholds=parse_threshold_spec(opts.thresholds))
+    thresholds = parse_threshold_spec(opts.thresholds)
     t0 = time.perf_counter()
-    atlas = compute_atlas(suite, out, lm, **kw) if out else ensure_atlas(suite, lm, **kw)
+    if out:
+        atlas = compute_atlas(suite, out, lm, k=opts.k, block=opts.block,
+                              precision=opts.precision, null_samples=opts.null_samples,
+                              quantile=opts.quantile, thresholds=thresholds, labels=opts.labels)
+    else:
+        atlas = ensure_atlas(suite, lm, k=opts.k, null_samples=opts.null_samples,
+                             quantile=opts.quantile, thresholds=thresholds, block=opts.block,
+                             precision=opts.precision, labels=opts.labels)
     return AtlasRun(atlas, time.perf_counter() - t0)

@@ -15,9 +15,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from saeflow.evaluate import SweepConfig
+from saeflow.evaluate import CoherenceScorer, SweepConfig, TopicScorer
 from saeflow.flow import FlowGraph
 from saeflow.recipes import Log, config_default, slug
 from saeflow.recipes.steering import PlanOptions, read_examples, trace_graph
@@ -28,7 +28,7 @@ MAGNITUDE_UNITS = {"res_norm": " (fraction of residual norm)",
                    "none": " (x decoder row)"}
 
 
-def _sweep(name: str):
+def _sweep(name: str) -> Any:
     return field(default=config_default(SweepConfig, name))
 
 
@@ -73,8 +73,8 @@ class ThemeSetup(NamedTuple):
     """Everything one theme's sweep needs, and what of it is recorded (``info``)."""
     graph: FlowGraph
     magnitudes: dict | None  # per graph feature (None when suppressing)
-    topic: object  # evaluate.TopicScorer
-    coherence: object  # evaluate.CoherenceScorer
+    topic: TopicScorer
+    coherence: CoherenceScorer
     layers: list[int]  # steering layers swept
     info: dict  # seed, ranked features, graph, scorer calibration (saved with the results)
 
@@ -140,11 +140,12 @@ def setup_theme(cfg: SteerEvalConfig, suite, lm, atlas, description: str, embed,
 
 def make_judge(cfg: SteerEvalConfig, theme: str):
     """``text -> (topic, coherence)`` through the configured endpoint, or None."""
-    if not cfg.judge_url:
+    url, model = cfg.judge_url, cfg.judge_model
+    if not url or not model:
         return None
     from saeflow.evaluate import judge
     key = os.environ.get("SAEFLOW_JUDGE_API_KEY")
-    return lambda text: judge(cfg.judge_url, cfg.judge_model, theme, text, key)
+    return lambda text: judge(url, model, theme, text, key)
 
 
 def run_steer_eval(cfg: SteerEvalConfig, suite, lm, atlas, embed=None,

@@ -144,10 +144,11 @@ def build_plan(opts: PlanOptions, suite, lm, *, features: Sequence[str] = (),
 def steer_pairs(lm, suite, prompts: Sequence[str], plan, gen: GenerationOptions):
     """``[(unsteered, steered)]`` generations per prompt and sample, with the same seed."""
     from saeflow.steer import generate
-    kw = dict(samples=gen.samples, seed=gen.seed, temperature=gen.temperature,
-              top_p=gen.top_p, greedy=gen.greedy)
-    base = generate(lm, list(prompts), None, gen.max_new_tokens, **kw)
-    steered = generate(lm, list(prompts), plan, gen.max_new_tokens, suite=suite, **kw)
+    def run(p, s):
+        return generate(lm, list(prompts), p, gen.max_new_tokens, suite=s, samples=gen.samples,
+                        seed=gen.seed, temperature=gen.temperature, top_p=gen.top_p,
+                        greedy=gen.greedy)
+    base, steered = run(None, None), run(plan, suite)
     return list(zip(base, steered))
 
 

@@ -91,7 +91,7 @@ def thresholds(source: dict) -> tuple[float, float]:
 
 def max_nodes(source: dict) -> int:
     from saeflow.viewer.data import MAX_GRAPH_NODES
-    return number(source, "max_nodes", MAX_GRAPH_NODES, 1, 1000, int)
+    return int(number(source, "max_nodes", MAX_GRAPH_NODES, 1, 1000, int))
 
 
 # ---- atlas routes -------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ class AtlasView:
         from saeflow.lineage import CLASSES, COLORS
         self.export_formats = tuple(f for f in FORMATS if f in MIME)
         self.atlas, self.contexts = atlas, contexts
-        self.classes, self.colors = list(CLASSES), dict(COLORS)
+        self.classes: list[str] = list(CLASSES)
+        self.colors: dict[str, str] = dict(COLORS)
         self.widths: dict[Site, int] = atlas.widths
         self.sites: list[Site] = sorted(self.widths)
         self.layers: list[int] = sorted({s.layer for s in self.sites})
@@ -208,12 +209,12 @@ class AtlasView:
                     if self._stop.is_set():
                         return
                     self._labels_blob(site)
-                for site in (self.contexts.sites if self.contexts is not None else []):
+                contexts = self.contexts
+                for site in (contexts.sites if contexts is not None else []):
                     if self._stop.is_set():
                         return
-                    if site in self.widths:
-                        self._context_blobs[site] = _Blob.from_strings(
-                            self.contexts.peak_texts(site))
+                    if contexts is not None and site in self.widths:
+                        self._context_blobs[site] = _Blob.from_strings(contexts.peak_texts(site))
             finally:
                 self._context_ready.set()
         self._indexer = threading.Thread(target=build, name="saeflow-viewer-index", daemon=True)

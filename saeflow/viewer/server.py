@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 STATIC = Path(__file__).parent / "static"
@@ -63,7 +64,7 @@ def create_app(atlas, *, contexts=None, lm=None, suite=None,
 
     app = Flask("saeflow.viewer", static_folder=str(STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # pyright: ignore[reportAttributeAccessIssue]  (DefaultJSONProvider)
     app.extensions["saeflow.view"] = view
     app.extensions["saeflow.steering"] = steering
     app.extensions["saeflow.close"] = [view.close, steering.close]  # ViewerServer.shutdown
@@ -99,7 +100,7 @@ def create_app(atlas, *, contexts=None, lm=None, suite=None,
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
-        return jsonify(error=f"{e.name}: {e.description}"), e.code
+        return jsonify(error=f"{e.name}: {e.description}"), e.code or 500
 
     @app.errorhandler(Exception)
     def _internal(e: Exception):
@@ -138,6 +139,7 @@ class ViewerServer:
         if backend not in BACKENDS:
             raise ValueError(f"unknown server backend {backend!r}; known: {', '.join(BACKENDS)}")
         self.app, self.host = app, host
+        self._server: Any  # waitress's server or werkzeug's, by ``kind``
         waitress = None
         if backend != "werkzeug":
             try:
@@ -148,7 +150,7 @@ class ViewerServer:
                                       "waitress") from None
         if waitress is not None:
             self.kind = "waitress"
-            self._server = waitress.create_server(app, host=host, port=port, threads=threads,
+            self._server = waitress.create_server(  # pyright: ignore[reportAttributeAccessIssue]app, host=host, port=port, threads=threads,
                                                   connection_limit=256, channel_timeout=60,
                                                   clear_untrusted_proxy_headers=True,
                                                   ident="saeflow")

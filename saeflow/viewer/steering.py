@@ -91,7 +91,7 @@ class SteeringService:
             edges = [e for e in (graph.edges if graph is not None else [])
                      if e.source in picked and e.target in picked]
             top = max(layer for layer in (n.feature.layer for n in nodes))
-            seed = req.seed if req.seed in picked else \
+            seed = req.seed if req.seed is not None and req.seed in picked else \
                 next(n.feature for n in nodes if n.feature.layer == top)
             graph = FlowGraph(seed=seed, nodes=nodes, edges=edges)
         return plan_from_graph(graph, mode=req.mode, layer=req.layer, schedule=req.schedule,
@@ -161,14 +161,14 @@ class SteeringService:
         plan, how = self._with_magnitudes(plan, lm, suite, req.magnitude)
         job.update(magnitude=how, plan=[{"feature": str(f), "coefficient": c,
                                          "magnitude": plan.magnitude(f)} for f, c in plan.terms])
-        kwargs = dict(max_new_tokens=req.max_new_tokens, seed=req.random_seed,
-                      temperature=req.temperature, top_p=req.top_p, greedy=req.greedy)
         for i, (key, p) in enumerate((("unsteered", None), ("steered", plan))):
             job.check()
             stream = _JobStream(lm, job, key, offset=i * req.max_new_tokens,
                                 total=2 * req.max_new_tokens)
-            out = generate(lm, req.prompt, p, suite=suite if p is not None else None,
-                           streamer=stream, stopping_criteria=_cancel_criteria(job), **kwargs)
+            out = generate(lm, req.prompt, p, req.max_new_tokens,
+                           suite=suite if p is not None else None, seed=req.random_seed,
+                           temperature=req.temperature, top_p=req.top_p, greedy=req.greedy,
+                           streamer=stream, stopping_criteria=_cancel_criteria(job))
             job.check()  # a cancelled generation stopped early: report it as cancelled
             job.update(**{key: out[0].text})
         job.update(progress={"done": 2 * req.max_new_tokens, "total": 2 * req.max_new_tokens,
