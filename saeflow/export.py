@@ -45,6 +45,13 @@ def _node_color(n) -> str:
     return _KIND_COLOR[n.feature.kind]
 
 
+def _printable(text) -> str:
+    """``text`` with every unprintable character (control characters, NUL, non-characters,
+    lone surrogates) shown as U+FFFD, as the drawings show them: XML cannot hold most of them
+    and Graphviz stops at a NUL."""
+    return "".join(ch if ch.isprintable() else "\ufffd" for ch in str(text))
+
+
 def _graphml(graph: FlowGraph) -> str:
     import networkx as nx
     g = graph.to_networkx()
@@ -52,12 +59,15 @@ def _graphml(graph: FlowGraph) -> str:
         for k, v in list(data.items()):
             if v is None:
                 data[k] = ""
+            elif isinstance(v, str):
+                data[k] = _printable(v)
     g.graph = {"seed": str(graph.seed)}
     return "\n".join(nx.generate_graphml(g)) + "\n"
 
 
 def _q(text: str) -> str:
-    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+    text = _printable(str(text).replace("\n", " "))
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _dot(graph: FlowGraph) -> str:
@@ -71,7 +81,7 @@ def _dot(graph: FlowGraph) -> str:
                 continue
             text = f"{n.feature}\\n{n.lineage or n.feature.kind}"
             if n.label:
-                text += "\\n" + n.label[:40].replace("\\", "\\\\").replace('"', '\\"')
+                text += "\\n" + _printable(n.label[:40]).replace("\\", "\\\\").replace('"', '\\"')
             pen = ", penwidth=3" if n.feature == graph.seed else ""
             lines.append(f'    {_q(n.feature)} [label="{text}", fillcolor="{_node_color(n)}"'
                          f"{pen}];")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The peer libraries for tests/test_peers.py, each in its own virtual environment so saeflow's
-# .venv stays small (safe to re-run). Called by `bash scripts/setup.sh --test`.
+# .venv stays small (safe to re-run), and Graphviz for the DOT test. Called by
+# `bash scripts/setup.sh --test`.
 #   .venv-peers   sae-lens 6, eai-sparsify, dictionary-learning
 #   .venv-peers5  sae-lens 5 (the pre-6 file layout; it needs transformers 4 and numpy 1)
 set -euo pipefail
@@ -17,3 +18,13 @@ PY=${PYTHON:-python3}
 # pyarrow 21+ needs numpy 2, which sae-lens 5 does not allow.
 .venv-peers5/bin/pip --disable-pip-version-check -q install "torch==2.13.0" "sae-lens==5.11.0" \
   "pyarrow<21"
+# Graphviz's dot, which tests/test_export.py uses to parse the DOT export.
+if ! command -v dot >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends graphviz >/dev/null) \
+      || echo "setup: could not install graphviz; the DOT parse test will be skipped" >&2
+  else
+    echo "setup: install Debian's graphviz (sudo apt-get install graphviz) for the DOT test" >&2
+  fi
+fi

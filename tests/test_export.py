@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -22,17 +25,19 @@ def graph_and_dir(tmp_path_factory):
     suite, _ = planted_suite(4, 256, 96, seed=6, fractions={"translated": 0.7})
     out = tmp_path_factory.mktemp("export")
     atlas = compute_atlas(suite, out, progress=False)
-    return trace(atlas, "2/res/3", 0.3, -1.0), out
+    with pytest.warns(UserWarning, match="below their layer's null"):  # keep the block nodes
+        g = trace(atlas, "2/res/3", 0.3, -1.0, below_null=True)
+    return g, out, atlas
 
 
 def test_json_roundtrip(graph_and_dir):
-    g, _ = graph_and_dir
+    g = graph_and_dir[0]
     text = render(g, "json")
     assert FlowGraph.from_json(json.loads(text)) == g
 
 
 def test_graphml_opens_in_networkx(graph_and_dir):
-    g, _ = graph_and_dir
+    g = graph_and_dir[0]
     h = nx.parse_graphml(render(g, "graphml"))
     assert set(h.nodes) == {str(f) for f in g.features}
     assert set(h.edges) == {(str(e.source), str(e.target)) for e in g.edges}
@@ -45,7 +50,7 @@ def test_graphml_opens_in_networkx(graph_and_dir):
 
 
 def test_dot_svg_png(graph_and_dir):
-    g, _ = graph_and_dir
+    g = graph_and_dir[0]
     dot = render(g, "dot")
     assert dot.startswith("digraph flow {") and dot.rstrip().endswith("}")
     assert all(f'"{f}"' in dot for f in g.features)
@@ -58,8 +63,44 @@ def test_dot_svg_png(graph_and_dir):
     assert mpimg.imread(io.BytesIO(png)).shape[2] in (3, 4)
 
 
+# labels with the characters real tokens carry: controls, NUL, a non-character
+NASTY = "a\x00b\x1bc\x0bd\x7fe\ufffef \"q\" \\ <&>"
+
+
+def nasty(g: FlowGraph) -> FlowGraph:
+    return FlowGraph(g.seed, [dataclasses.replace(n, label=NASTY) for n in g.nodes], g.edges,
+                     g.settings)
+
+
+def test_graphml_with_control_characters_is_valid_xml(graph_and_dir, tmp_path):
+    g = nasty(graph_and_dir[0])
+    text = render(g, "graphml")
+    ET.fromstring(text.encode())  # strict XML parser: raises on a control character
+    (tmp_path / "g.graphml").write_text(text, encoding="utf-8")
+    h = nx.read_graphml(tmp_path / "g.graphml")
+    want = "a\ufffdb\ufffdc\ufffdd\ufffde\ufffdf \"q\" \\ <&>"
+    assert {h.nodes[str(f)]["label"] for f in g.features} == {want}
+
+
+def test_dot_with_control_characters_parses_in_graphviz(graph_and_dir, tmp_path):
+    g = nasty(graph_and_dir[0])
+    dot = render(g, "dot")
+    assert "\x00" not in dot and "\x1b" not in dot and dot.count("->") == len(g.edges)
+    if shutil.which("dot") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Graphviz's dot is missing: bash scripts/setup.sh --test installs it")
+        pytest.skip("Graphviz's dot is not installed (bash scripts/setup.sh --test installs it)")
+    r = subprocess.run(["dot", "-Tsvg"], input=dot.encode(), capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    svg = ET.fromstring(r.stdout)  # and what Graphviz draws from it is valid XML too
+    titles = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}title")}
+    assert {str(f) for f in g.features} <= titles
+    texts = " ".join(t.text or "" for t in svg.iter("{http://www.w3.org/2000/svg}text"))
+    assert "a\ufffdb\ufffdc" in texts and '"q"' in texts
+
+
 def test_neuronpedia_fields(graph_and_dir):
-    g, _ = graph_and_dir
+    g = graph_and_dir[0]
     data = json.loads(render(g, "neuronpedia"))
     assert data == neuronpedia(g)
     assert {"slug", "scan", "prompt_tokens", "prompt"} <= set(data["metadata"])
@@ -81,7 +122,8 @@ def test_unknown_format(graph_and_dir):
 
 
 def test_cli_graph(graph_and_dir, tmp_path):
-    g, atlas_dir = graph_and_dir
+    _, atlas_dir, atlas = graph_and_dir
+    g = trace(atlas, "2/res/3", 0.3, -1.0)  # what the CLI traces (block nodes over the null)
     base = [sys.executable, "-m", "saeflow.cli", "graph", str(atlas_dir), "2/res/3",
             "--res-threshold", "0.3", "--block-threshold", "-1"]
     r = subprocess.run(base, capture_output=True, text=True)
