@@ -18,7 +18,9 @@ features of s+d (paired by sample, so the excess has a standard error). Two dist
 a curve: ``half`` is the last d before the excess over chance first falls below ``level`` times
 its value at d = 1; ``significant`` is the last d before the excess first stops being above 0 by
 1.96 standard errors (the paper: semantics "remain significant for about five layers").
-The paper's LLM judge (SAME / MAYBE / DIFFERENT over Neuronpedia explanations) is not run here.
+  judge         optional: an LLM judge (``saeflow.pair_judge``) rates the first ``judge_pairs``
+                sampled pairs per distance SAME / MAYBE / DIFFERENT (3 / 2 / 1) from their
+                top contexts (the paper judged Neuronpedia explanations).
 
 Ablation: for every objective (decoder, encoder, both) x folding (on, off), on the same
 consecutive pairs: folded MSE, mean matching score (features that fire at t or t+1) and the
@@ -42,7 +44,7 @@ from saeflow.permutation import OBJECTIVES, PermutationConfig, PermutationStore,
 from saeflow.prune import HeldoutStates, explained_variance, mapped_estimator
 from saeflow.sites import Site
 
-MEASURES = ("coactivation", "semantic")
+MEASURES = ("coactivation", "semantic", "judge")
 Embedder = Callable[[Sequence[str]], Tensor]  # texts -> [n, D] rows
 
 
@@ -56,11 +58,13 @@ class PersistenceConfig:
     window: int = 12  # tokens before the peak in a context
     level: float = 0.5
     semantic: bool = True
+    judge_pairs: int = 16  # pairs per (start, distance) shown to the LLM judge, when one is set
     seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "starts", tuple(int(s) for s in self.starts))
-        for name in ("max_distance", "n_features", "min_fires", "top_k", "window"):
+        for name in ("max_distance", "n_features", "min_fires", "top_k", "window",
+                     "judge_pairs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"persistence: {name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.level < 1:
@@ -153,35 +157,47 @@ class LayerActivations:
         return self._top[layer]
 
 
-def _context_text(lm, ids: Tensor) -> str:
-    """The context as text (token ids as words when the model has no tokenizer)."""
+def _decode(lm, ids: list[int]) -> str:
+    """Token ids as text (as words ``t12`` when the model has no tokenizer)."""
     tok = getattr(lm, "tokenizer", None)
-    row = ids.tolist()
-    return tok.decode(row) if tok is not None else " ".join(f"t{i}" for i in row)
+    return tok.decode(ids) if tok is not None else "".join(f" t{i}" for i in ids)
 
 
 class FeatureEmbeddings:
-    """Mean embedding of each feature's top contexts, cached per (layer, feature)."""
+    """Each feature's top contexts as text, and their mean embedding (``embed`` may be None
+    when only the texts are wanted), cached per (layer, feature)."""
 
-    def __init__(self, lm, acts: LayerActivations, embed: Embedder, window: int = 12):
+    def __init__(self, lm, acts: LayerActivations, embed: Embedder | None, window: int = 12):
         self.lm, self.acts, self.embed, self.window = lm, acts, embed, window
         self._rows = torch.cat(acts.data.ids)  # [S, T]
         self._cache: dict[tuple[int, int], Tensor | None] = {}
 
+    def contexts(self, layer: int, f: int, marked: bool = False) -> list[str]:
+        """The feature's top contexts (``window`` tokens up to the peak and 2 after); with
+        ``marked`` the peak token is wrapped in [[ ]]."""
+        vals, idx = self.acts.top(layer)
+        out = []
+        for v, i in zip(vals[f].tolist(), idx[f].tolist()):
+            if v <= 0:
+                continue
+            seq, pos = self.acts.data.context[i].tolist()
+            row = self._rows[seq].tolist()
+            parts = [_decode(self.lm, row[max(0, pos - self.window):pos]),
+                     _decode(self.lm, row[pos:pos + 1]), _decode(self.lm, row[pos + 1:pos + 3])]
+            if marked:
+                parts[1] = f"[[{parts[1]}]]"
+            out.append("".join(parts))
+        return out
+
     def prepare(self, wanted: Sequence[tuple[int, int]]) -> None:
         texts, owners = [], []
-        for layer, f in dict.fromkeys(wanted):
-            if (layer, f) in self._cache:
+        for key in dict.fromkeys(wanted):
+            if key in self._cache:
                 continue
-            vals, idx = self.acts.top(layer)
-            self._cache[(layer, f)] = None  # never fired
-            for v, i in zip(vals[f].tolist(), idx[f].tolist()):
-                if v <= 0:
-                    continue
-                seq, pos = self.acts.data.context[i].tolist()
-                ids = self._rows[seq, max(0, pos - self.window):pos + 3]
-                texts.append(_context_text(self.lm, ids))
-                owners.append((layer, f))
+            self._cache[key] = None  # stays None when the feature never fired
+            for text in self.contexts(*key):
+                texts.append(text)
+                owners.append(key)
         if not texts:
             return
         emb = self.embed(texts).float()
@@ -214,10 +230,10 @@ def default_starts(layers: Sequence[int], max_distance: int) -> tuple[int, ...]:
 
 def run_persistence(lm, suite, store: PermutationStore, data: HeldoutStates,
                     cfg: PersistenceConfig = PersistenceConfig(), embed: Embedder | None = None,
-                    progress: bool = True) -> tuple[list[PersistenceRow], dict]:
+                    judge=None, progress: bool = True) -> tuple[list[PersistenceRow], dict]:
     """Persistence curves per start layer and pooled (module docstring). Returns the rows and
     ``{start: {measure: {"half": d, "significant": d}}}``. ``embed`` defaults to the offline
-    sentence embedder when ``cfg.semantic``."""
+    sentence embedder when ``cfg.semantic``; ``judge`` is a ``pair_judge.PairJudge`` or None."""
     from tqdm.auto import tqdm
 
     layers = sorted(data.states)
@@ -230,7 +246,7 @@ def run_persistence(lm, suite, store: PermutationStore, data: HeldoutStates,
         from saeflow.themes import sentence_embedder
         embed = sentence_embedder()
     acts = LayerActivations(suite, data, cfg.top_k)
-    emb = FeatureEmbeddings(lm, acts, embed, cfg.window) if cfg.semantic else None
+    emb = FeatureEmbeddings(lm, acts, embed if cfg.semantic else None, cfg.window)
     gen = torch.Generator().manual_seed(cfg.seed)
     rows: list[PersistenceRow] = []
     pooled: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
@@ -250,9 +266,14 @@ def run_persistence(lm, suite, store: PermutationStore, data: HeldoutStates,
             sub_s = fire_s[:, feats]
             scores = {"coactivation": (matching_score(sub_s, fire_e, image),
                                        matching_score(sub_s, fire_e, rand))}
-            if emb is not None:
+            if cfg.semantic:
                 scores["semantic"] = (emb.similarity(s, feats, e, image),
                                       emb.similarity(s, feats, e, rand))
+            if judge is not None:
+                scores["judge"] = tuple(torch.tensor(
+                    [judge(emb.contexts(s, int(i), True), emb.contexts(e, int(j), True))
+                     for i, j in zip(feats[:cfg.judge_pairs], other[:cfg.judge_pairs])],
+                    dtype=torch.float64) for other in (image, rand))
             for measure, (x, c) in scores.items():
                 rows.append(_row(s, d, measure, x, c))
                 pooled.setdefault((d, measure), []).append((x, c))
@@ -301,7 +322,8 @@ def plot_persistence(rows: Sequence[PersistenceRow], path: str | Path, title: st
     fig, axes = plt.subplots(1, len(measures), figsize=(5.5 * len(measures), 4), dpi=120,
                              squeeze=False)
     labels = {"coactivation": "matching score (co-activation)",
-              "semantic": "context-embedding cosine"}
+              "semantic": "context-embedding cosine",
+              "judge": "LLM judge (3 same, 2 maybe, 1 different)"}
     for ax, m in zip(axes[0], measures):
         starts = sorted({r.start for r in rows if r.measure == m}, key=lambda s: (s == "all", s))
         for i, s in enumerate(starts):

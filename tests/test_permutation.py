@@ -3,11 +3,15 @@ suites and tiny models built from a config (answers known in advance)."""
 
 from __future__ import annotations
 
+import json
 import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
 
+from saeflow.pair_judge import make_pair_judge, parse_verdict
 from saeflow.permutation import (PermutationConfig, PermutationStore, compose,
                                  composition_agreement, consecutive_pairs, parse_pairs)
 from saeflow.persistence import (PersistenceConfig, matching_score, persistence_distance,
@@ -223,6 +227,49 @@ def test_features_persist_through_identity_blocks(identity_setup, tmp_path):
                                PersistenceConfig(starts=(0,), max_distance=1, semantic=False),
                                progress=False)
     assert rows0[0].mean < 1.0 and not math.isnan(rows0[0].mean)
+
+
+class _SameIfEqual(BaseHTTPRequestHandler):
+    """A chat endpoint that says SAME when both features show the same contexts."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][0]["content"]
+        a = text.split("Feature A:\n")[1].split("\n\nFeature B:")[0]
+        b = text.split("Feature B:\n")[1].split("\n\nDo A and B")[0]
+        verdict = "SAME" if a == b else "DIFFERENT"
+        data = json.dumps({"choices": [{"message": {"content": f"{verdict}."}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_llm_judge_of_persisting_pairs(identity_setup, tmp_path):
+    lm, suite, data = identity_setup
+    server = HTTPServer(("127.0.0.1", 0), _SameIfEqual)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = make_pair_judge(f"http://127.0.0.1:{server.server_port}/v1", "m")
+        cfg = PersistenceConfig(starts=(1,), max_distance=2, min_fires=2, semantic=False,
+                                judge_pairs=6)
+        rows, dist = run_persistence(lm, suite, PermutationStore(suite, PermutationConfig(),
+                                                                 tmp_path),
+                                     data, cfg, judge=judge, progress=False)
+    finally:
+        server.shutdown()
+    judged = [r for r in rows if r.measure == "judge"]
+    assert [r.distance for r in judged] == [1, 2] and all(r.n == 6 for r in judged)
+    assert all(r.mean == 3.0 and r.chance < 3.0 for r in judged)  # SAME vs mostly DIFFERENT
+    assert parse_verdict("I'd say maybe.") == 2.0
+    with pytest.raises(ValueError, match="neither"):
+        parse_verdict("no idea")
+    with pytest.raises(ValueError, match="both"):
+        make_pair_judge("http://127.0.0.1:1/v1", None)
 
 
 def test_ablation_grid(identity_setup, tmp_path):

@@ -43,6 +43,13 @@ def add(subparsers) -> None:
                         f"below this fraction of its value at distance 1 (default {C.level})")
     p.add_argument("--no-semantic", dest="semantic", action="store_false",
                    help="persistence: co-activation only (no sentence embeddings)")
+    p.add_argument("--judge-url", default=None,
+                   help="persistence: OpenAI-compatible endpoint of an optional LLM judge of "
+                        "matched pairs (API key from $SAEFLOW_JUDGE_API_KEY if set)")
+    p.add_argument("--judge-model", default=None, help="persistence: the judge's model name")
+    p.add_argument("--judge-pairs", type=int, default=C.judge_pairs,
+                   help=f"persistence: pairs judged per start and distance (default "
+                        f"{C.judge_pairs})")
     p.add_argument("--ablation", default=None, metavar="LAYERS",
                    help="folding x objective ablation on the pairs (u-1, u) for these u, e.g. "
                         "5,10,15,20 (loads the model)")
@@ -89,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         write_json_atomic(store.folder / "composition.json", [r._asdict() for r in rows])
     if not (args.persistence or ablation_layers):
         return 0
+    from saeflow.pair_judge import make_pair_judge
+    make_pair_judge(args.judge_url, args.judge_model)  # both or neither, before the model loads
     from saeflow import persistence as ps
     from saeflow import prune
 
@@ -99,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     n_tok = len(next(iter(data.states.values())))
     if args.persistence:
         pcfg = from_args(ps.PersistenceConfig, args, starts=tuple(starts))
-        rows, dist = ps.run_persistence(lm, suite, store, data, pcfg, progress=not args.quiet)
+        judge = make_pair_judge(args.judge_url, args.judge_model)
+        rows, dist = ps.run_persistence(lm, suite, store, data, pcfg, judge=judge,
+                                        progress=not args.quiet)
         print(f"\npersistence over depth ({n_tok} evaluated tokens of {text.source}/{text.split})")
         print(ps.persistence_table(rows, dist))
         write_json_atomic(store.folder / "persistence.json",
