@@ -6,9 +6,9 @@
 - svg / png: drawn with matplotlib (no Graphviz needed): layers across, one lane per site kind
   (att, mlp, res), edge width and opacity by cosine, residual nodes coloured by lineage.
 - neuronpedia: the attribution-graph JSON read by circuit-tracer's frontend and Neuronpedia's
-  graph viewer (``metadata``, ``qParams``, ``nodes``, ``links``). That format is built for
-  token positions; a flow graph fits it by using the site kind as the column: ``ctx_idx`` is
-  0 for att, 1 for mlp, 2 for res, and ``metadata.prompt_tokens`` names the three columns.
+  graph viewer (``saeflow.neuronpedia.graph_json``: site kinds as columns, layers as rows);
+  ``saeflow.neuronpedia.write_graph_folder`` writes it with the index and feature files
+  circuit-tracer's local server serves.
 """
 
 from __future__ import annotations
@@ -155,26 +155,6 @@ def _draw(graph: FlowGraph, fmt: str) -> str | bytes:
 
 
 def neuronpedia(graph: FlowGraph) -> dict:
-    """The graph as an attribution-graph JSON (module docstring)."""
-    def node_id(f) -> str:
-        return f"{f.layer}_{f.index}_{lane(f.site)}"
-
-    nodes = []
-    for n in graph.nodes:
-        f = n.feature
-        clerp = f"{f} {n.lineage or f.kind}" + (f": {n.label}" if n.label else "")
-        nodes.append({"node_id": node_id(f), "feature": f.index, "layer": str(f.layer),
-                      "ctx_idx": lane(f.site), "feature_type": "cross layer transcoder",
-                      "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
-                      "reverse_ctx_idx": 0, "jsNodeId": f"{f.layer}_{f.index}-{lane(f.site)}",
-                      "clerp": clerp, "influence": n.score, "activation": None})
-    links = [{"source": node_id(e.source), "target": node_id(e.target), "weight": e.cos}
-             for e in graph.edges]
-    model = graph.settings.get("model") or "unknown-model"
-    slug = f"saeflow-{str(graph.seed).replace('/', '-')}"
-    return {"metadata": {"slug": slug, "scan": model, "transcoder_list": [],
-                         "prompt_tokens": list(_LANES), "prompt": f"flow graph of {graph.seed}",
-                         "node_threshold": None, "schema_version": 1},
-            "qParams": {"pinnedIds": [node_id(graph.seed)], "supernodes": [],
-                        "linkType": "both", "clickedId": node_id(graph.seed), "sg_pos": ""},
-            "nodes": nodes, "links": links}
+    """The graph as an attribution-graph JSON (``saeflow.neuronpedia.graph_json``)."""
+    from saeflow.neuronpedia import graph_json
+    return graph_json(graph)

@@ -2,7 +2,8 @@
 # The peer libraries for tests/test_peers.py, each in its own virtual environment so saeflow's
 # .venv stays small (safe to re-run), and Graphviz for the DOT test. Called by
 # `bash scripts/setup.sh --test`.
-#   .venv-peers   sae-lens 6, eai-sparsify, dictionary-learning
+#   .venv-peers   sae-lens 6, eai-sparsify, dictionary-learning (and jsonschema, for the
+#                 Neuronpedia graph schema test)
 #   .venv-peers5  sae-lens 5 (the pre-6 file layout; it needs transformers 4 and numpy 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ PY=${PYTHON:-python3}
 [ -x .venv-peers5/bin/python ] || "$PY" -m venv .venv-peers5
 # torch is pinned in the same call as everything that depends on it, so nothing pulls a CUDA build.
 .venv-peers/bin/pip --disable-pip-version-check -q install "torch==2.13.0" "sae-lens==6.54.12" \
-  "eai-sparsify==1.3.3" "dictionary-learning==0.1.0"
+  "eai-sparsify==1.3.3" "dictionary-learning==0.1.0" "jsonschema==4.26.0"
 # nnsight (a dictionary-learning dependency) pulls a torchvision built for another torch, which
 # breaks `import transformers`; nothing the tests run needs torchvision.
 .venv-peers/bin/pip --disable-pip-version-check -q uninstall -y torchvision 2>/dev/null || true

@@ -106,7 +106,7 @@ def test_neuronpedia_fields(graph_and_dir):
     assert {"slug", "scan", "prompt_tokens", "prompt"} <= set(data["metadata"])
     assert {"pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"} <= set(data["qParams"])
     ids = {n["node_id"] for n in data["nodes"]}
-    assert len(ids) == len(g.nodes)
+    assert len(ids) == len(g.nodes) + 4  # three embedding (column) nodes and one logit node
     for n in data["nodes"]:
         assert {"node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId",
                 "clerp"} <= set(n)

@@ -29,6 +29,10 @@ def add(subparsers) -> None:
                    help="forward: follow only each feature's best successor, not every feature "
                         "of the next layer that chose it as predecessor")
     p.add_argument("--max-nodes", type=int, default=1000, help="stop growing past this size")
+    p.add_argument("--explanations", default=None, metavar="DIR",
+                   help="label features with Neuronpedia's explanation exports under DIR (the "
+                        "folder holding v1/{modelId}/{source}/explanations/); the suite must "
+                        "name its Neuronpedia ids")
     p.set_defaults(func=run)
 
 
@@ -41,6 +45,18 @@ def run(args: argparse.Namespace) -> int:
     atlas = open_atlas(args.atlas)
     graph = trace(atlas, args.feature, args.res_threshold, args.block_threshold,
                   children=not args.no_children, max_nodes=args.max_nodes)
+    from saeflow.neuronpedia import ids_of_atlas, relabel, write_graph_folder
+    ids = ids_of_atlas(atlas) if args.explanations or args.format == "neuronpedia" else None
+    if args.explanations:
+        if ids is None:
+            raise ValueError("--explanations: the atlas's suite names no Neuronpedia ids "
+                             "(suite.json \"neuronpedia\" or the SAEs' neuronpedia_id)")
+        graph = relabel(graph, ids.labels(args.explanations, graph.features))
+    if args.format == "neuronpedia" and args.out:
+        path = write_graph_folder(graph, args.out, urls=ids.urls(graph.features) if ids else None)
+        print(f"{len(graph.nodes)} nodes, {len(graph.edges)} edges -> {path} (serve {args.out} "
+              "as circuit-tracer's data folder)", file=sys.stderr)
+        return 0
     data = render(graph, args.format)
     if args.out:
         out = Path(args.out)
