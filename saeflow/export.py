@@ -3,8 +3,10 @@
 - json: saeflow's versioned schema (``FlowGraph.to_json``, "saeflow.flowgraph/1").
 - graphml: networkx's writer; node ids are feature strings, a missing lineage is "".
 - dot: Graphviz text, one rank per layer, left to right.
-- svg / png: drawn with matplotlib (no Graphviz needed): layers across, one lane per site kind
-  (att, mlp, res), edge width and opacity by cosine, residual nodes coloured by lineage.
+- svg / png: drawn with matplotlib (no Graphviz needed) at ``saeflow.layout``'s positions, the
+  ones the viewer draws at: layers across, one lane per site kind (att, res, mlp from the top),
+  edge width and opacity by cosine, residual nodes coloured by lineage, blocks by kind. The
+  figure grows with the graph (about an inch per layer), so labels stay readable.
 - neuronpedia: the attribution-graph JSON read by circuit-tracer's frontend and Neuronpedia's
   graph viewer (``saeflow.neuronpedia.graph_json``: site kinds as columns, layers as rows);
   ``saeflow.neuronpedia.write_graph_folder`` writes it with the index and feature files
@@ -16,11 +18,11 @@ from __future__ import annotations
 import io
 import json
 
-from saeflow.flow import FlowGraph, lane
+from saeflow.flow import FlowGraph
+from saeflow.layout import KIND_COLORS, layout, node_color
 from saeflow.lineage import COLORS
 
 FORMATS = ("json", "graphml", "dot", "svg", "png", "neuronpedia")
-_KIND_COLOR = {"mlp": "#e7ba52", "att": "#ce6dbd", "att_z": "#ce6dbd"}
 _LANES = ("att", "mlp", "res")
 
 
@@ -40,9 +42,7 @@ def render(graph: FlowGraph, fmt: str) -> str | bytes:
 
 
 def _node_color(n) -> str:
-    if n.feature.kind == "res":
-        return COLORS.get(n.lineage or "", "#4c78a8")
-    return _KIND_COLOR[n.feature.kind]
+    return node_color(n.feature, n.lineage)
 
 
 def _printable(text) -> str:
@@ -98,20 +98,13 @@ def _draw(graph: FlowGraph, fmt: str) -> str | bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = graph.layers
-    col = {layer: i for i, layer in enumerate(layers)}
-    slots: dict[tuple[int, int], list] = {}
-    for n in graph.nodes:
-        slots.setdefault((n.feature.layer, lane(n.feature.site)), []).append(n)
-    pos = {}
-    for (layer, ln), group in slots.items():
-        for j, n in enumerate(group):  # spread nodes that share a layer and lane
-            # blocks sit left of their layer's residual column, so block -> res edges of one
-            # layer do not run through each other
-            pos[n.feature] = (col[layer] - (0.25, 0.45, 0.0)[ln],
-                              2 - ln + (j - (len(group) - 1) / 2) * 0.7 / len(group))
-    width = max(5.0, 1.25 * len(layers) + 3.0)
-    fig, ax = plt.subplots(figsize=(width, 3.6), dpi=110)
+    lay = layout(graph)
+    pos = {f: (x, -y) for f, (x, y) in lay.positions.items()}  # matplotlib's y points up
+    width = max(5.0, 1.1 * lay.width + 2.5)
+    fig, ax = plt.subplots(figsize=(width, max(2.6, 0.62 * lay.height + 1.3)), dpi=110)
+    for kind, top, rows in lay.lanes:
+        ax.axhspan(-top, -(top + rows), color="#f3f6fa" if kind == "res" else "#fafafa",
+                   zorder=0)
     for e in graph.edges:
         (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
         c = max(float(e.cos), 0.0)
@@ -125,21 +118,22 @@ def _draw(graph: FlowGraph, fmt: str) -> str | bytes:
                    edgecolors="black" if seed else "white", linewidths=1.8 if seed else 0.8)
         label = "".join(ch if ch.isprintable() else "\ufffd" for ch in n.label[:18])
         text = str(n.feature.index) + (f"\n{label}" if label else "")
-        ax.annotate(text, (x, y), xytext=(0, -13), textcoords="offset points", ha="center",
-                    va="top", fontsize=6.5, zorder=3)
+        ax.annotate(text, (x, y), xytext=(0, -11), textcoords="offset points", ha="center",
+                    va="top", fontsize=7.5, zorder=3)
     shown = [c for c in COLORS if any(n.lineage == c for n in graph.nodes)]
     for c in shown:
         ax.scatter([], [], s=40, color=COLORS[c], label=c.replace("_", " "))
-    for kind in ("mlp", "att"):
+    for kind in ("att", "mlp"):
         if any(n.feature.kind.startswith(kind) for n in graph.nodes):
-            ax.scatter([], [], s=40, color=_KIND_COLOR[kind], marker="s",
+            ax.scatter([], [], s=40, color=KIND_COLORS[kind], marker="s",
                        label=f"{kind} feature")
     if shown:
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=7)
-    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_yticks([2, 1, 0], list(_LANES))
-    ax.set_xlim(-0.8, len(layers) - 0.4)
-    ax.set_ylim(-0.75, 2.6)
+    ax.set_xticks([i + 0.5 for i in range(len(lay.layers))], [str(x) for x in lay.layers])
+    ax.set_yticks([-(top + rows / 2) for _, top, rows in lay.lanes],
+                  [kind for kind, _, _ in lay.lanes])
+    ax.set_xlim(-0.1, lay.width + 0.1)
+    ax.set_ylim(-lay.height - 0.3, 0.3)
     ax.set_xlabel("layer")
     ax.set_title(f"flow of {graph.seed}", fontsize=10)
     for side in ("top", "right"):

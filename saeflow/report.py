@@ -16,7 +16,8 @@ h1{margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bo
 table{border-collapse:collapse;margin:.8em 0;font-size:13px} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f5f5f5} td.l,th.l{text-align:left} img{max-width:100%} .muted{color:#666;font-size:13px}
 .gen{display:grid;grid-template-columns:140px 1fr;gap:2px 12px;font-size:13px;margin:.5em 0 1.2em}
-.gen div:nth-child(odd){color:#555;font-weight:600} .svg svg{max-width:100%;height:auto}
+.gen div:nth-child(odd){color:#555;font-weight:600}
+.svg{overflow-x:auto;border:1px solid #eee} .svg svg{max-width:none;height:auto}
 code{background:#f3f3f3;padding:1px 4px;border-radius:3px}
 """
 
@@ -84,7 +85,8 @@ def _graphs(graphs: dict, cfg) -> str:
             f"<h3>{_e(theme)}: seed <code>{_e(g['seed'])}</code></h3>"
             f"<p>{len(graph.nodes)} features, {len(graph.edges)} edges, layers "
             f"{layers[0]}&ndash;{layers[-1]}.{fires} Node labels are the tokens each decoder "
-            f"row promotes through the unembedding.</p><div class=\"svg\">{g['svg']}</div>"
+            f"row promotes through the unembedding; the drawing keeps its size (scroll "
+            f"sideways through a long graph).</p><div class=\"svg\">{g['svg']}</div>"
             "<details><summary>nodes</summary>"
             + _table(["feature", "lineage", "label", "cos"], nodes, left=3) + "</details>")
     return "".join(parts)

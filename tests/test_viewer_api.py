@@ -192,6 +192,19 @@ def test_search_by_id_site_number_lineage_and_text(client, setup):
     assert hit["match"] == "label" or peak.lower() in hit["snippet"].lower()
 
 
+def test_graph_carries_the_export_layout_and_the_library_defaults(client, setup):
+    """The viewer draws where the SVG export draws, with the thresholds saeflow.flow sets."""
+    from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD, trace
+    from saeflow.layout import KIND_COLORS, layout
+    g = get(client, "/api/graph/3/res/4")
+    want = layout(trace(setup[0], "3/res/4")).to_json()
+    assert g["layout"] == want and set(g["layout"]["positions"]) == {n["id"] for n in g["nodes"]}
+    o = get(client, "/api/overview")
+    assert o["graph_defaults"]["res_threshold"] == RES_THRESHOLD
+    assert o["graph_defaults"]["block_threshold"] == BLOCK_THRESHOLD
+    assert o["kind_colors"] == KIND_COLORS
+
+
 def test_graph_and_thresholds_follow_trace(client, setup):
     from saeflow.flow import trace
     atlas = setup[0]
@@ -202,7 +215,12 @@ def test_graph_and_thresholds_follow_trace(client, setup):
     assert all(n["kind"] in ("res", "mlp", "att") for n in g["nodes"])
     loose = get(client, "/api/graph/3/res/4?res_threshold=0.05&block_threshold=0.05")
     strict = get(client, "/api/graph/3/res/4?res_threshold=0.99&block_threshold=0.99")
-    assert len(strict["nodes"]) == 1 <= len(g["nodes"]) <= len(loose["nodes"])
+    # (links that are high by the atlas's lineage thresholds are kept at any threshold,
+    # block nodes must pass both: saeflow.flow)
+    assert [n["id"] for n in strict["nodes"]] == \
+        [str(f) for f in trace(atlas, "3/res/4", 0.99, 0.99).features]
+    assert all(n["kind"] == "res" for n in strict["nodes"])
+    assert len(strict["nodes"]) <= len(g["nodes"]) <= len(loose["nodes"])
     assert g["settings"]["truncated"] is False
     capped = get(client, "/api/graph/3/res/4?res_threshold=0.05&block_threshold=0.05&max_nodes=3")
     assert len(capped["nodes"]) == 3 and capped["settings"]["truncated"] is True
@@ -277,9 +295,8 @@ BAD_STEER = [({}, 400), ({"prompt": ""}, 400), ({"prompt": "x"}, 400),
              ({**STEER, "features": ["2/res/999"]}, 404), ({**STEER, "features": "2/res/1"}, 400),
              ({**STEER, "mode": "all"}, 400), ({**STEER, "schedule": "linear"}, 400),
              ({**STEER, "coefficient": "big"}, 400), ({**STEER, "coefficient": 1e9}, 400),
-             ({**STEER, "max_new_tokens": 100000}, 400), ({**STEER, "layer": 0, "mode": "single",
-                                                           "res_threshold": 0.99,
-                                                           "block_threshold": 0.99}, 400),
+             ({**STEER, "max_new_tokens": 100000}, 400), ({**STEER, "features": ["3/res/1"], "layer": 0,
+                                                           "mode": "single"}, 400),
              ({**STEER, "action": "explode"}, 400), ({**STEER, "magnitude": "huge"}, 400),
              ({**STEER, "greedy": "yes"}, 400)]
 

@@ -118,12 +118,14 @@ def test_overview_search_feature_graph_and_steering(served, page):
     assert page.locator("[data-testid=flow-graph] g.node").count() == len(graph.nodes)
     assert page.inner_text("[data-testid=graph-info]").startswith(f"{len(graph.nodes)} nodes")
     # moving a threshold re-fetches the graph
-    strict = trace(atlas, "2/res/3", 0.3, 0.3)
-    assert len(strict.nodes) != len(graph.nodes)
-    for name in ("res_threshold", "block_threshold"):
+    rt, bt = next(t for t in ((0.3, 0.3), (0.5, 0.99), (0.05, 0.05))
+                  if len(trace(atlas, "2/res/3", *t).nodes) != len(graph.nodes))
+    strict = trace(atlas, "2/res/3", rt, bt)
+    for name, value in (("res_threshold", rt), ("block_threshold", bt)):
         page.locator(f"input[name={name}]").evaluate(
-            "e => { e.value = 0.3; e.dispatchEvent(new Event('input')); }")
-    page.wait_for_function("() => location.hash.includes('res_threshold=0.3&block_threshold=0.3')")
+            f"e => {{ e.value = {value}; e.dispatchEvent(new Event('input')); }}")
+    page.wait_for_function(
+        f"() => location.hash.includes('res_threshold={rt}&block_threshold={bt}')")
     page.wait_for_function(
         f"() => document.querySelector('[data-testid=graph-info]').textContent.startsWith('{len(strict.nodes)} nodes')")
     assert page.locator("[data-testid=flow-graph] g.node").count() == len(strict.nodes)
@@ -148,12 +150,12 @@ def test_overview_search_feature_graph_and_steering(served, page):
     page.go_back()
     page.wait_for_selector("[data-testid=steer-form]")
     page.fill("[data-testid=steer-form] textarea[name=prompt]", "The wedding")
-    page.fill("input[name=coefficient]", "4")
+    page.fill("input[name=coefficient]", "40")
     page.select_option("select[name=magnitude]", "none")
     page.fill("input[name=max_new_tokens]", "8")
     page.click("[data-testid=steer-form] button[type=submit]")
     page.wait_for_selector("[data-testid=steer-status][data-status=done]", timeout=120_000)
-    plan = plan_from_graph(trace(atlas, "2/res/3"), coefficient=4.0)
+    plan = plan_from_graph(trace(atlas, "2/res/3"), coefficient=40.0)
     plain = generate(lm, "The wedding", None, 8)[0].text
     steered = generate(lm, "The wedding", plan, 8, suite=suite)[0].text
     assert page.locator("[data-testid=unsteered]").text_content() == plain

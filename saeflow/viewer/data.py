@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD
+from saeflow.layout import KIND_COLORS
 from saeflow.sites import Feature, Site
 
 MAX_HITS = 20_000
@@ -183,6 +184,7 @@ class AtlasView:
                          ("tokens_trained", "wall_seconds", "source") if k in suite["training"]}
             if isinstance(suite.get("training"), dict) else {},
             "export_formats": list(self.export_formats),
+            "kind_colors": dict(KIND_COLORS),
             "graph_defaults": {"res_threshold": RES_THRESHOLD,
                                "block_threshold": BLOCK_THRESHOLD,
                                "max_nodes": MAX_GRAPH_NODES},
@@ -386,7 +388,10 @@ class AtlasView:
 
     def graph_json(self, f: Feature, res_threshold: float, block_threshold: float,
                    max_nodes: int = MAX_GRAPH_NODES) -> dict:
-        data = self.graph(f, res_threshold, block_threshold, max_nodes).to_json()
+        from saeflow.layout import layout
+        graph = self.graph(f, res_threshold, block_threshold, max_nodes)
+        data = graph.to_json()
+        data["layout"] = layout(graph).to_json()  # the positions the SVG/PNG export uses
         for n in data["nodes"]:
             n["kind"] = Site.parse(n["site"]).kind
             n["score"] = _num(n["score"])

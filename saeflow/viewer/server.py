@@ -150,10 +150,10 @@ class ViewerServer:
                                       "waitress") from None
         if waitress is not None:
             self.kind = "waitress"
-            self._server = waitress.create_server(  # pyright: ignore[reportAttributeAccessIssue]app, host=host, port=port, threads=threads,
-                                                  connection_limit=256, channel_timeout=60,
-                                                  clear_untrusted_proxy_headers=True,
-                                                  ident="saeflow")
+            create = waitress.create_server  # pyright: ignore[reportAttributeAccessIssue]
+            self._server = create(app, host=host, port=port, threads=threads,
+                                  connection_limit=256, channel_timeout=60,
+                                  clear_untrusted_proxy_headers=True, ident="saeflow")
             self.port = int(self._server.effective_port)
         else:
             from werkzeug.serving import make_server

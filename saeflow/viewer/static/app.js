@@ -45,6 +45,7 @@
     if (!state.overview) {
       state.overview = await api("overview");
       Object.assign(D.COLORS, state.overview.colors || {});
+      Object.assign(D.KIND_COLORS, state.overview.kind_colors || {});
     }
     return state.overview;
   }

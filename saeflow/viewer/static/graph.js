@@ -1,5 +1,6 @@
 /* Drawing for the saeflow viewer, in plain SVG (no library, works offline):
-   - drawFlow: a flow graph as a layered layout, layers across, sites as lanes;
+   - drawFlow: a flow graph at the positions the API sends (saeflow.layout, the layout the
+     SVG/PNG export uses too), with pan (drag) and zoom (wheel, buttons) for large graphs;
    - drawLineage: lineage-class fractions per layer as stacked bars. */
 "use strict";
 (function () {
@@ -9,9 +10,8 @@
     processed_both: "#b07aa1", newborn_mlp: "#e15759", newborn_att: "#f28e2b",
     newborn_both: "#ff9da7", unexplained: "#bab0ac",
   };
-  // block nodes (mlp / attention) are squares in the colours saeflow.export uses
-  const KIND_COLORS = { res: "#4c78a8", mlp: "#f58518", att: "#e45756", att_z: "#e45756" };
-  const LANES = ["att", "att_z", "res", "mlp"];  // top to bottom
+  // block nodes (mlp / attention) are squares; the overview sends saeflow.layout's colours
+  const KIND_COLORS = { res: "#4c78a8", mlp: "#f58518", att: "#e45756" };
 
   function el(name, attrs, parent) {
     const e = document.createElementNS(NS, name);
@@ -20,7 +20,7 @@
     return e;
   }
   function colorOf(node) {
-    if (node.kind !== "res") return KIND_COLORS[node.kind] || "#888";
+    if (node.kind !== "res") return KIND_COLORS[node.kind === "att_z" ? "att" : node.kind] || "#888";
     return (node.lineage && COLORS[node.lineage]) || KIND_COLORS.res;
   }
   function textOn(hex) {  // black or white text, whichever reads better on the colour
@@ -41,64 +41,38 @@
   function hideTip() { const t = tooltip(); if (t) t.hidden = true; }
 
   /* graph: {seed, nodes: [{id, layer, kind, index, lineage, label, score}],
-             edges: [{source, target, cos}]}
+             edges: [{source, target, cos}],
+             layout: {positions: {id: [x, y]}, layers, lanes: [{kind, top, rows}], width, height}}
+     (x in columns, y in rows, from saeflow.layout)
      opts: {onClick(node, evt), picked: Set of ids} -> the <svg> element */
   function drawFlow(container, graph, opts) {
     opts = opts || {};
     container.textContent = "";
     const nodes = graph.nodes.slice();
     if (!nodes.length) { container.textContent = "empty graph"; return null; }
-    const layers = [...new Set(nodes.map(n => n.layer))].sort((a, b) => a - b);
-    const lanes = LANES.filter(k => nodes.some(n => n.kind === k));
-    const nCols = new Set(nodes.map(n => n.layer)).size;
+    const lay = graph.layout;
     const room = (container.clientWidth || 1200) - 64 - 24;
-    const colW = Math.max(96, Math.min(150, Math.floor(room / Math.max(1, nCols))));
-    const rowH = 54, padL = 64, padT = 42, laneGap = 18;
-    // cells: (layer, kind) -> nodes; order in a cell by barycentre of predecessors
-    const byId = new Map(nodes.map(n => [n.id, n]));
-    const preds = new Map(nodes.map(n => [n.id, []]));
-    for (const e of graph.edges) if (preds.has(e.target) && byId.has(e.source)) preds.get(e.target).push(e.source);
-    const cells = new Map();
-    for (const n of nodes) {
-      const key = n.layer + "|" + n.kind;
-      if (!cells.has(key)) cells.set(key, []);
-      cells.get(key).push(n);
+    const colW = Math.max(96, Math.min(150, Math.floor(room / Math.max(1, lay.width))));
+    const rowH = 54, padL = 64, padT = 42;
+    const X = x => padL + x * colW, Y = y => padT + y * rowH;
+    const pos = new Map(Object.entries(lay.positions).map(([id, [x, y]]) => [id, { x: X(x), y: Y(y) }]));
+    const width = Math.ceil(X(lay.width) + 20), height = Math.ceil(Y(lay.height) + 24);
+    // the drawing keeps its natural scale (labels readable); a larger graph pans and zooms
+    const W = Math.min(width, Math.max(320, room + 88)), H = Math.min(height, 640);
+    const svg = el("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, "data-testid": "flow-graph", class: "pannable" });
+    const world = el("g", { class: "world" }, svg);
+    el("rect", { x: 0, y: 0, width, height, fill: "#fff" }, world);
+    for (const ln of lay.lanes) {
+      el("rect", { x: padL - 6, y: Y(ln.top) - 6, width: width - padL - 8, height: ln.rows * rowH + 12,
+        fill: ln.kind === "res" ? "#f3f6fa" : "#fafafa", rx: 6, "data-lane": ln.kind }, world);
+      const t = el("text", { x: 10, y: Y(ln.top + ln.rows / 2) + 4, "font-size": 12, fill: "#6b7280" }, world);
+      t.textContent = ln.kind;
     }
-    const laneSize = {};
-    for (const k of lanes) laneSize[k] = Math.max(...layers.map(l => (cells.get(l + "|" + k) || []).length), 1);
-    const laneTop = {}; let y = padT;
-    for (const k of lanes) { laneTop[k] = y; y += laneSize[k] * rowH + laneGap; }
-    const height = y + 10;
-    const xOf = n => padL + (layers.indexOf(n.layer) + (n.kind === "res" ? 0.62 : 0.18)) * colW;
-    const pos = new Map();
-    for (const l of layers) {
-      for (const k of lanes) {
-        const cell = cells.get(l + "|" + k) || [];
-        const bary = n => {
-          const ys = preds.get(n.id).map(p => pos.get(p)).filter(Boolean).map(p => p.y);
-          return ys.length ? ys.reduce((a, b) => a + b, 0) / ys.length : (n.id === graph.seed ? -1 : 1e9);
-        };
-        cell.sort((a, b) => bary(a) - bary(b) || a.index - b.index);
-        const off = (laneSize[k] - cell.length) * rowH / 2;
-        cell.forEach((n, i) => pos.set(n.id, { x: xOf(n), y: laneTop[k] + off + i * rowH + rowH / 2 }));
-      }
-    }
-    const width = padL + layers.length * colW + 20;
-    const svg = el("svg", { width, height, viewBox: `0 0 ${width} ${height}`, "data-testid": "flow-graph" });
-    el("rect", { x: 0, y: 0, width, height, fill: "#fff" }, svg);
-    // lanes and layer axis
-    for (const k of lanes) {
-      el("rect", { x: padL - 6, y: laneTop[k] - 6, width: width - padL - 8, height: laneSize[k] * rowH + 12,
-        fill: k === "res" ? "#f3f6fa" : "#fafafa", rx: 6 }, svg);
-      const t = el("text", { x: 10, y: laneTop[k] + laneSize[k] * rowH / 2 + 4, "font-size": 12, fill: "#6b7280" }, svg);
-      t.textContent = k;
-    }
-    layers.forEach((l, i) => {
-      const t = el("text", { x: padL + (i + 0.62) * colW, y: 22, "font-size": 12, fill: "#6b7280", "text-anchor": "middle" }, svg);
+    lay.layers.forEach((l, i) => {
+      const t = el("text", { x: X(i + 0.5), y: 22, "font-size": 12, fill: "#6b7280", "text-anchor": "middle" }, world);
       t.textContent = "L" + l;
     });
-    // edges
-    const gE = el("g", {}, svg);
+    const gE = el("g", {}, world);
     for (const e of graph.edges) {
       const a = pos.get(e.source), b = pos.get(e.target);
       if (!a || !b) continue;
@@ -109,10 +83,10 @@
       p.addEventListener("mousemove", ev => showTip(ev, `${e.source} → ${e.target}\ncos ${e.cos.toFixed(3)}`));
       p.addEventListener("mouseleave", hideTip);
     }
-    // nodes
-    const gN = el("g", {}, svg);
+    const gN = el("g", {}, world);
     for (const n of nodes) {
       const p = pos.get(n.id);
+      if (!p) continue;
       const g = el("g", { class: "node" + (opts.picked && opts.picked.has(n.id) ? " picked" : ""),
         transform: `translate(${p.x},${p.y})`, "data-id": n.id, tabindex: 0 }, gN);
       const r = n.id === graph.seed ? 11 : 8;
@@ -129,8 +103,72 @@
       g.addEventListener("click", ev => { hideTip(); if (opts.onClick) opts.onClick(n, ev, g); });
       g.addEventListener("keydown", ev => { if (ev.key === "Enter" && opts.onClick) opts.onClick(n, ev, g); });
     }
+    const zoom = panZoom(svg, { W, H, width, height });
+    const bar = document.createElement("div");
+    bar.className = "zoombar";
+    for (const [label, title, act] of [["+", "zoom in", () => zoom.by(1 / 1.25)], ["−", "zoom out", () => zoom.by(1.25)],
+      ["fit", "whole graph", () => zoom.fit()], ["1:1", "natural size", () => zoom.reset()]]) {
+      const b = document.createElement("button");
+      b.type = "button"; b.className = "secondary"; b.textContent = label; b.title = title;
+      b.dataset.zoom = label; b.addEventListener("click", act);
+      bar.appendChild(b);
+    }
+    const hint = document.createElement("span");
+    hint.className = "muted"; hint.textContent = "drag to pan, wheel to zoom";
+    bar.appendChild(hint);
+    container.appendChild(bar);
     container.appendChild(svg);
     return svg;
+  }
+
+  /* Pan and zoom an <svg> of pixel size W x H over a drawing of size width x height by moving
+     its viewBox: drag the background to pan, the wheel zooms around the pointer. */
+  function panZoom(svg, s) {
+    let v = { x: 0, y: 0, w: s.W, h: s.H };
+    const apply = () => svg.setAttribute("viewBox", `${v.x} ${v.y} ${v.w} ${v.h}`);
+    const clamp = () => {
+      v.w = Math.max(s.W / 8, Math.min(v.w, Math.max(s.width, s.height * s.W / s.H) * 1.05));
+      v.h = v.w * s.H / s.W;
+      v.x = Math.max(-v.w / 2, Math.min(v.x, s.width - v.w / 2));
+      v.y = Math.max(-v.h / 2, Math.min(v.y, s.height - v.h / 2));
+    };
+    const by = (k, cx, cy) => {
+      cx = cx == null ? v.x + v.w / 2 : cx; cy = cy == null ? v.y + v.h / 2 : cy;
+      v = { x: cx - (cx - v.x) * k, y: cy - (cy - v.y) * k, w: v.w * k, h: v.h * k };
+      clamp(); apply();
+    };
+    const point = ev => {
+      const r = svg.getBoundingClientRect();
+      return [v.x + (ev.clientX - r.left) / r.width * v.w, v.y + (ev.clientY - r.top) / r.height * v.h];
+    };
+    svg.addEventListener("wheel", ev => {
+      ev.preventDefault();
+      const [cx, cy] = point(ev);
+      by(ev.deltaY < 0 ? 1 / 1.15 : 1.15, cx, cy);
+    }, { passive: false });
+    let drag = null;
+    svg.addEventListener("pointerdown", ev => {
+      if (ev.button !== 0 || ev.target.closest("g.node")) return;
+      drag = { x: ev.clientX, y: ev.clientY, v: { ...v } };
+      svg.setPointerCapture(ev.pointerId);
+      svg.classList.add("dragging");
+    });
+    svg.addEventListener("pointermove", ev => {
+      if (!drag) return;
+      const r = svg.getBoundingClientRect();
+      v.x = drag.v.x - (ev.clientX - drag.x) / r.width * v.w;
+      v.y = drag.v.y - (ev.clientY - drag.y) / r.height * v.h;
+      clamp(); apply();
+    });
+    const end = () => { drag = null; svg.classList.remove("dragging"); };
+    svg.addEventListener("pointerup", end);
+    svg.addEventListener("pointercancel", end);
+    return {
+      by,
+      fit: () => { const k = Math.max(s.width / s.W, s.height / s.H); v = { x: 0, y: 0, w: s.W * k, h: s.H * k }; apply(); },
+      reset: () => { v = { x: 0, y: 0, w: s.W, h: s.H }; apply(); },
+      view: () => ({ ...v }),
+    };
   }
 
   /* fractions: {layer: {class: fraction}}; classes: ordered names */
@@ -187,5 +225,5 @@
     return div;
   }
 
-  window.SFDraw = { COLORS, drawFlow, drawLineage, legend, hideTip, textOn };
+  window.SFDraw = { COLORS, KIND_COLORS, drawFlow, drawLineage, legend, hideTip, textOn };
 })();
