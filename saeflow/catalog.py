@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from saeflow.suite import Suite, is_suite_path, read_suite
+from saeflow.suite import Suite, atlas_suite_root, is_suite_path, read_suite
 
 if TYPE_CHECKING:
     from saeflow.atlas import Atlas
@@ -88,12 +88,6 @@ def atlas_for(suite: Suite, lm: LM | None = None, atlas: str | Path | None = Non
     missing)."""
     from saeflow.atlas import Atlas, ensure_atlas
     return Atlas.load(atlas) if atlas else ensure_atlas(suite, lm)
-
-
-def atlas_suite_root(atlas: Atlas) -> Path | None:
-    """The folder of the suite the atlas was computed from, when it is on this machine."""
-    root = (atlas.info.get("suite") or {}).get("root")
-    return Path(root).expanduser() if root and Path(root).expanduser().exists() else None
 
 
 def suite_of_atlas(atlas: Atlas, suite: str | Path | None = None,

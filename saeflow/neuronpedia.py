@@ -259,7 +259,7 @@ class NeuronpediaIds:
 def ids_of_atlas(atlas) -> NeuronpediaIds | None:
     """The Neuronpedia ids of the suite an atlas was computed from, when that suite is on this
     machine and names them."""
-    from saeflow.catalog import atlas_suite_root
+    from saeflow.suite import atlas_suite_root
     from saeflow.suite import read_suite
     root = atlas_suite_root(atlas)
     return None if root is None else NeuronpediaIds.of_suite(read_suite(root))

@@ -199,6 +199,13 @@ def read_suite(path: str | Path, model: str | None = None) -> Suite:
                             "file")
 
 
+def atlas_suite_root(atlas) -> Path | None:
+    """The folder of the suite an atlas (``saeflow.atlas.Atlas``) was computed from, when it
+    is on this machine."""
+    root = (atlas.info.get("suite") or {}).get("root")
+    return Path(root).expanduser() if root and Path(root).expanduser().exists() else None
+
+
 def is_suite_path(spec: str | Path) -> bool:
     """Whether ``spec`` names a suite folder or spec file on this machine."""
     path = Path(spec).expanduser()
