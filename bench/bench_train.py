@@ -10,10 +10,10 @@ then trains one SAE on the same synthetic batches with: (a) the textbook impleme
 fp32 encoder and decoder, top-k scattered into a dense code, autograd, torch Adam); (b) saeflow's
 sparse kernels with glibc's default allocator, what training ran before (every weight-sized
 temporary is a fresh mmap, so each step pays page faults); (c) the same kernels with
-``tune_malloc`` (the new path), at the model-batch size and at the starter's 512-row SAE steps.
+``tune_malloc`` (the new path), at the model-batch size and at the starter's SAE-step size.
 Each row gives rows/s and the share of the floor. Part 2 (``--suite``) runs ``train_suite`` on
 every SmolLM2 site for a few forwards with the old recipe (one 1,024-row step per 1,024-token
-forward) and the starter's (2,048-token forwards, 512-row steps, each token used twice), beside
+forward) and the starter's (2,048-token forwards, small SAE steps, tokens reused), beside
 the hooked model forward alone. Throughput on a shared machine moves with the load: compare the
 ratios within one run; CPU-seconds per 1k tokens are less sensitive to other jobs than wall time.
 """
@@ -82,7 +82,7 @@ class DenseTopK:
             W.grad = project_decoder_grad(W, W.grad)
             self.opt.step()
             normalize_rows_(W)
-        return float(loss)
+        return float(loss.detach())
 
 
 def time_steps(step, batches, warmup=2) -> tuple[float, float]:
@@ -120,8 +120,10 @@ def bench_kernels(args) -> None:
     sparse("sparse kernels, default malloc (old)", B)
     tune_malloc()
     sparse("sparse kernels, tuned malloc (new)", B)
-    if B > 512:
-        sparse("  the same, 512-row steps (starter)", 512)
+    from saeflow.train import STARTER_CONFIG
+    if B > STARTER_CONFIG.sae_batch:
+        sparse(f"  the same, {STARTER_CONFIG.sae_batch}-row steps (starter)",
+               STARTER_CONFIG.sae_batch)
     base = rows[0][1]
     print(f"{'implementation':40s} {'rows/s':>10} {'% floor':>8} {'vs textbook':>12} "
           f"{'last loss':>10}")
@@ -133,9 +135,11 @@ def bench_kernels(args) -> None:
 def _suite_run(lm, sites, cfg, label: str) -> tuple:
     import json
 
+    import saeflow.train as train
+
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train_suite(lm, sites, cfg, tmp, progress=False)
+        train.train_suite(lm, sites, cfg, tmp, progress=False)
         wall = time.perf_counter() - t0
         info = json.loads(open(f"{tmp}/suite.json").read())["training"]
     return label, info["tokens_trained"], info["cpu_seconds"], info["wall_seconds"], wall, \
@@ -173,7 +177,8 @@ def bench_suite(args) -> None:
     finally:
         train.tune_malloc = real_tune
     runs.append(_suite_run(lm, sites, old, "old recipe, tuned malloc"))
-    runs.append(_suite_run(lm, sites, new, "starter recipe (2x reuse, 512-row steps)"))
+    runs.append(_suite_run(lm, sites, new, f"starter recipe ({new.reuse:g}x reuse, "
+                                           f"{new.sae_batch}-row steps)"))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_fwd = 3 * ids.numel()
     print(f"\nWhole-suite runs: {len(sites)} sites, {args.suite_tokens:,} tokens, width "
@@ -184,7 +189,7 @@ def bench_suite(args) -> None:
           f"{1000 * fwd_cpu / n_fwd:13.2f}")
     base = None
     for label, tokens, cpu, train_wall, wall, steps in runs:
-        rows = tokens * (2 if "reuse" in label else 1)
+        rows = tokens * (new.reuse if "reuse" in label else 1)
         base = base or tokens / train_wall
         print(f"{label:44s} {tokens / train_wall:7.0f} {rows / train_wall:8.0f} "
               f"{1000 * cpu / tokens:13.2f} {steps:6d} {tokens / train_wall / base:8.2f}x")

@@ -2,7 +2,8 @@
 
 A suite is named by
   - ``starter`` (or ``smollm2-starter``): saeflow's own SAEs for the embedded default, trained
-    on first use (``saeflow.train.ensure_starter_suite``: 15-45 minutes once), then cached;
+    on first use (``saeflow.train.ensure_starter_suite``: about 15 minutes once), then cached;
+  - ``standard`` or ``gpu``: the larger training profiles (``saeflow.train.PROFILES``), the same;
   - a folder of SAE folders or a ``.json``/``.toml`` spec file (``saeflow.suite.read_suite``);
   - a hub preset name (``saeflow.presets``).
 An atlas is named by its folder, or by a suite whose atlas is in the cache
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 STARTER = "starter"
 STARTER_NAMES = (STARTER, "smollm2-starter")
+PROFILE_NAMES = ("standard", "gpu")  # the other training profiles (saeflow.train.PROFILES)
 
 
 def load_suite(spec: str | Path, model: str | None = None) -> Suite:
@@ -33,11 +35,15 @@ def load_suite(spec: str | Path, model: str | None = None) -> Suite:
     if spec_s in STARTER_NAMES:
         from saeflow.train import ensure_starter_suite
         return read_suite(ensure_starter_suite(), model=model)
+    if spec_s in PROFILE_NAMES or spec_s in {f"smollm2-{n}" for n in PROFILE_NAMES}:
+        from saeflow.train import ensure_profile_suite
+        return read_suite(ensure_profile_suite(spec_s.removeprefix("smollm2-")), model=model)
     if is_suite_path(spec_s):
         return read_suite(spec_s, model=model)
     if spec_s in presets.PRESETS:
         return presets.open_preset(spec_s, model=model)
-    raise FileNotFoundError(f"suite {spec_s!r} is not 'starter', an existing folder, a .json/.toml "
+    raise FileNotFoundError(f"suite {spec_s!r} is not 'starter', 'standard', 'gpu', an existing "
+                            f"folder, a .json/.toml "
                             f"spec file, or a preset ({', '.join(presets.PRESETS)})")
 
 

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,104 +40,11 @@ from saeflow.sae import SAE
 from saeflow.sites import Site, parse_sites
 from saeflow.suite import SUITE_JSON
 from saeflow.topk import TopKTrainer, bf16_matmul_is_fast, tune_malloc
+from saeflow.trainconfig import (GPU_CONFIG, PROFILES, RESULT_FIELDS, STANDARD_CONFIG,  # noqa: F401
+                                 STARTER_CONFIG, Profile, TrainConfig, profile)
 
 CHECKPOINT = ".checkpoint.pt"
 TRAINED = ".trained.json"  # SAEs written, evaluation pending
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    width: int = 2304  # latents per SAE
-    k: int = 32
-    tokens: int = 300_000  # model tokens to train on (every site sees all of them)
-    batch_tokens: int = 1024  # tokens per model forward (rounded to sequences)
-    seq_len: int = 256
-    sae_batch: int = 0  # rows per SAE Adam step (0: batch_tokens, one step per forward)
-    reuse: float = 1.0  # times each token is used on average (needs buffer_tokens > 0 if > 1)
-    buffer_tokens: int = 0  # per-site shuffle buffer in tokens (0: train on each batch as is)
-    lr: float = 2e-3
-    warmup_steps: int = 10  # in SAE steps
-    decay_frac: float = 0.2  # linear decay to 0 over this final fraction of the SAE steps
-    k_aux: int = 64
-    aux_coef: float = 1 / 32
-    dead_tokens: int = 20_000  # a latent silent for this many training rows gets AuxK gradient
-    outlier_factor: float = 10.0
-    source: str = "default"
-    seed: int = 0
-    matmul: str = "auto"  # encoder matmul dtype: auto | bfloat16 | float32
-    workers: int = 2
-    checkpoint_every: int = 100  # model forwards
-    eval_tokens: int = 8192  # quality: tokens for FVU, L0, dead (0 skips the evaluation)
-    eval_loss_tokens: int = 1024  # quality: tokens for loss recovered
-    seed_sites: str = ""  # sites also trained with a second seed (cross-seed stability)
-
-    def __post_init__(self):
-        for name in ("width", "k", "tokens", "batch_tokens", "seq_len", "workers",
-                     "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"training setting {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sae_batch", "buffer_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"training setting {name} must be >= 0, got {getattr(self, name)}")
-        if self.k > self.width:
-            raise ValueError(f"k={self.k} must not exceed width={self.width}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
-        if not self.reuse > 0:
-            raise ValueError(f"reuse must be positive, got {self.reuse}")
-        if self.buffer_tokens == 0 and (self.reuse != 1 or self.sae_batch not in
-                                        (0, self.seqs_per_batch * self.seq_len)):
-            raise ValueError("reuse != 1 or an SAE batch other than the model batch needs a "
-                             "shuffle buffer (buffer_tokens > 0)")
-        if self.matmul not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"matmul must be auto, bfloat16 or float32, got {self.matmul!r}")
-
-    @property
-    def seqs_per_batch(self) -> int:
-        return max(1, self.batch_tokens // self.seq_len)
-
-    @property
-    def forwards(self) -> int:
-        """Model forward passes (each of ``seqs_per_batch`` sequences)."""
-        return max(1, -(-self.tokens // (self.seqs_per_batch * self.seq_len)))
-
-    @property
-    def steps_per_forward(self) -> int:
-        """SAE Adam steps each site takes after each forward."""
-        if self.buffer_tokens == 0:
-            return 1
-        rows = self.sae_batch or self.seqs_per_batch * self.seq_len
-        return max(1, round(self.reuse * self.seqs_per_batch * self.seq_len / rows))
-
-    @property
-    def steps(self) -> int:
-        """SAE Adam steps per site over the run."""
-        return self.forwards * self.steps_per_forward
-
-    def lr_at(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
-        decay_steps = max(1, int(self.steps * self.decay_frac))
-        left = self.steps - step
-        return self.lr * warm * min(1.0, left / decay_steps)
-
-
-# Settings that change the result (the others only change speed or bookkeeping).
-RESULT_FIELDS = ("width", "k", "tokens", "batch_tokens", "seq_len", "sae_batch", "reuse",
-                 "buffer_tokens", "lr", "warmup_steps",
-                 "decay_frac", "k_aux", "aux_coef", "dead_tokens", "outlier_factor", "source",
-                 "seed", "matmul", "seed_sites")
-# The starter: 300k tokens, each used twice through a per-site shuffle buffer, Adam steps of
-# 512 rows (1,172 steps per SAE; the old recipe took 293). Chosen with bench/train_recipes.py
-# (docs/training.md, "Recipe experiments").
-STARTER_CONFIG = TrainConfig(tokens=300_000, batch_tokens=2048, sae_batch=512, reuse=2.0,
-                             buffer_tokens=8192, checkpoint_every=25,
-                             seed_sites="6/res,12/res,18/res")
-# Every train-split token of the bundled corpus (~1.99M), the same reuse.
-STANDARD_CONFIG = dataclasses.replace(STARTER_CONFIG, tokens=1_990_000, checkpoint_every=50)
-# For a GPU: 50M tokens (the corpus repeated), large model batches, 4,096-row steps.
-GPU_CONFIG = dataclasses.replace(STARTER_CONFIG, tokens=50_000_000, batch_tokens=16_384,
-                                 sae_batch=4096, reuse=1.0, buffer_tokens=65_536, lr=1e-3,
-                                 checkpoint_every=200, workers=1)
 
 
 def _matmul_dtype(cfg: TrainConfig, d: int, device: torch.device) -> torch.dtype:
@@ -177,6 +82,13 @@ def _progress_sites(sites: list[Site]) -> list[Site]:
 SEED_SUFFIX = "@seed2"  # the second-seed replica of a site, for cross-seed stability
 
 
+def _seed_sites(cfg: TrainConfig, sites: list[Site], n_layers: int | None) -> list[Site]:
+    """The sites of ``cfg.seed_sites`` that are trained (a profile's replicas of sites a run
+    leaves out are skipped)."""
+    named = parse_sites(cfg.seed_sites, n_layers) if cfg.seed_sites else []
+    return sorted(s for s in set(named) if s in sites)
+
+
 def make_trainers(cfg: TrainConfig, sites: list[Site], d: int, device="cpu",
                   matmul_dtype: torch.dtype = torch.float32,
                   n_layers: int | None = None) -> dict[str, tuple[Site, TopKTrainer]]:
@@ -189,10 +101,8 @@ def make_trainers(cfg: TrainConfig, sites: list[Site], d: int, device="cpu",
                            seed=seed, matmul_dtype=matmul_dtype, device=device,
                            buffer_rows=cfg.buffer_tokens)
     out = {str(s): (s, make(cfg.seed * 100_003 + i)) for i, s in enumerate(sites)}
-    extra = parse_sites(cfg.seed_sites, n_layers) if cfg.seed_sites else []
-    for i, s in enumerate(sorted(extra)):
-        if s not in sites:
-            raise ValueError(f"seed_sites names {s}, which is not among the trained sites")
+    extra = _seed_sites(cfg, sites, n_layers)
+    for i, s in enumerate(extra):
         out[str(s) + SEED_SUFFIX] = (s, make(cfg.seed * 100_003 + 50_000 + i))
     return out
 
@@ -361,7 +271,7 @@ def _write_saes(lm, trainers: dict, cfg: TrainConfig, out_dir: Path,
 def _seed_replicas(out_dir: Path, cfg: TrainConfig, n_layers: int) -> dict[Site, SAE]:
     from saeflow.formats import load_sae
     sites = parse_sites(cfg.seed_sites, n_layers) if cfg.seed_sites else []
-    return {s: load_sae(out_dir / SEEDS_DIR / s.slug, s) for s in sites
+    return {s: load_sae(out_dir / SEEDS_DIR / s.slug, s) for s in sorted(set(sites))
             if (out_dir / SEEDS_DIR / s.slug).exists()}
 
 
@@ -402,37 +312,7 @@ def _finish(lm, saes: dict[Site, SAE], cfg: TrainConfig, out_dir: Path, model_sp
     write_json_atomic(out_dir / SUITE_JSON, info)
 
 
-# ---- named suites by budget -------------------------------------------------------------
-@dataclass(frozen=True)
-class Profile:
-    """A named training budget for the embedded model: what ``saeflow train --profile NAME``
-    and a suite name like ``starter`` or ``standard`` mean."""
-    name: str
-    config: TrainConfig
-    about: str  # budget, as measured (docs/training.md)
-    sites: str = "all"
-    model: str = "smollm2"
-    device: str = "cpu"
-
-    @property
-    def folder(self) -> Path:
-        from saeflow.models import cache_dir
-        return cache_dir() / "suites" / f"{self.model}-{self.name}"
-
-
-PROFILES = {p.name: p for p in (
-    Profile("starter", STARTER_CONFIG, "about 15 minutes on 2 free CPU cores"),
-    Profile("standard", STANDARD_CONFIG, "about 60 minutes on 2 free CPU cores"),
-    Profile("gpu", GPU_CONFIG, "for a CUDA GPU (--device cuda); not timed here", device="cuda"),
-)}
-
-
-def profile(name: str) -> Profile:
-    if name not in PROFILES:
-        raise ValueError(f"unknown training profile {name!r}; known: {', '.join(PROFILES)}")
-    return PROFILES[name]
-
-
+# ---- named suites by budget (saeflow.trainconfig.PROFILES) -----------------------------
 def starter_dir() -> Path:
     return PROFILES["starter"].folder
 

@@ -18,24 +18,42 @@ def add(subparsers) -> None:
                     "and reused. Interrupted runs resume from their last checkpoint.")
     add_model_args(p)
     p.set_defaults(dtype="bfloat16", func=run)
+    from saeflow.trainconfig import PROFILES, STARTER_CONFIG as c
+    p.add_argument("--profile", default="starter", choices=list(PROFILES),
+                   help="a named budget: " + "; ".join(f"{n}: {pr.config.tokens:,} tokens, "
+                                                       f"{pr.about}" for n, pr in PROFILES.items())
+                   + " (default starter); the options below change it")
     p.add_argument("--sites", default="all",
                    help="sites to train: all, */res, 0-3/res,0-3/mlp, 12/att ... (default all)")
-    p.add_argument("--tokens", type=int, default=None, help="training tokens (default 300,000)")
-    p.add_argument("--width", type=int, default=None, help="latents per SAE (default 2304)")
-    p.add_argument("--k", type=int, default=None, help="active latents per token (default 32)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help=f"training tokens (starter: {c.tokens:,})")
+    p.add_argument("--width", type=int, default=None, help=f"latents per SAE ({c.width})")
+    p.add_argument("--k", type=int, default=None, help=f"active latents per token ({c.k})")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="tokens per step, rounded to whole sequences (default 1024)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-3)")
-    p.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default 256)")
+                   help=f"tokens per model forward, rounded to whole sequences ({c.batch_tokens})")
+    p.add_argument("--sae-batch", type=int, default=None,
+                   help=f"rows per SAE Adam step (starter: {c.sae_batch})")
+    p.add_argument("--reuse", type=float, default=None,
+                   help=f"times each token is used on average (starter: {c.reuse:g})")
+    p.add_argument("--buffer-tokens", type=int, default=None,
+                   help=f"per-site shuffle buffer in tokens; 0: one step per forward on its own "
+                        f"rows (starter: {c.buffer_tokens})")
+    p.add_argument("--seed-sites", default=None,
+                   help=f"sites trained a second time with another seed, for the cross-seed "
+                        f"stability diagnostic ('' for none; starter: {c.seed_sites})")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate ({c.lr:g})")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"packed sequence length ({c.seq_len})")
     p.add_argument("--source", default=None,
                    help="text: default (Wikipedia + BBC), wiki, bbc, or a .txt file/folder")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="worker threads (default 2)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--workers", type=int, default=None, help=f"worker threads ({c.workers})")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="model forwards between checkpoints")
     p.add_argument("--eval-tokens", type=int, default=None,
-                   help="held-out tokens for the quality table (0 skips it; default 8192)")
+                   help=f"held-out tokens for the quality table (0 skips it; {c.eval_tokens})")
     p.add_argument("--out", default=None,
-                   help="output folder (default: the starter suite's cache folder, or a cache "
+                   help="output folder (default: the profile's cache folder, or a cache "
                         "folder named after the settings)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
@@ -47,18 +65,19 @@ def add(subparsers) -> None:
 
 
 _FLAGS = {"tokens": "tokens", "width": "width", "k": "k", "batch_size": "batch_tokens",
-          "lr": "lr", "seq_len": "seq_len", "source": "source", "seed": "seed",
+          "sae_batch": "sae_batch", "reuse": "reuse", "buffer_tokens": "buffer_tokens",
+          "seed_sites": "seed_sites", "lr": "lr", "seq_len": "seq_len", "source": "source", "seed": "seed",
           "workers": "workers", "checkpoint_every": "checkpoint_every",
           "eval_tokens": "eval_tokens"}
 
 
-def _default_out(model: str, sites: str, cfg):
-    """The starter folder for the starter settings, else a cache folder named after them."""
+def _default_out(model: str, sites: str, cfg, prof):
+    """The profile's folder for the profile's settings, else a cache folder named after them."""
     from saeflow.models import cache_dir
-    from saeflow.train import RESULT_FIELDS, STARTER_CONFIG, starter_dir
-    same = all(getattr(cfg, f) == getattr(STARTER_CONFIG, f) for f in RESULT_FIELDS)
-    if model == "smollm2" and sites == "all" and same:
-        return starter_dir()
+    from saeflow.trainconfig import RESULT_FIELDS
+    same = all(getattr(cfg, f) == getattr(prof.config, f) for f in RESULT_FIELDS)
+    if model == prof.model and sites == prof.sites and same:
+        return prof.folder
     key = json.dumps({"model": model, "sites": sites,
                       **{f: getattr(cfg, f) for f in RESULT_FIELDS}}, sort_keys=True)
     tag = hashlib.sha1(key.encode()).hexdigest()[:8]
@@ -71,14 +90,16 @@ def run(args: argparse.Namespace) -> int:
 
     from saeflow import quality
     from saeflow.sites import parse_sites
-    from saeflow.train import (CHECKPOINT, STARTER_CONFIG, TRAINED, discard_run,
-                               ensure_trained, is_complete)
+    from saeflow.train import (CHECKPOINT, TRAINED, discard_run, ensure_trained, is_complete,
+                               profile)
+    prof = profile(args.profile)
     changes = {field: getattr(args, flag) for flag, field in _FLAGS.items()
                if getattr(args, flag) is not None}
-    cfg = dataclasses.replace(STARTER_CONFIG, **changes)
-    model = args.model or "smollm2"
+    cfg = dataclasses.replace(prof.config, **changes)
+    model = args.model or prof.model
+    device = prof.device if args.device == "cpu" else args.device
     parse_sites(args.sites, 10**6)  # syntax check before loading anything
-    out = Path(args.out).expanduser() if args.out else _default_out(model, args.sites, cfg)
+    out = Path(args.out).expanduser() if args.out else _default_out(model, args.sites, cfg, prof)
     reused = is_complete(out)
     if reused:
         print(f"saeflow train: {out} already holds a trained suite (delete it or pick another "
@@ -91,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                                     f"(no {CHECKPOINT}); drop --resume to start one")
         print(f"saeflow train: {args.sites} of {model} -> {out}\n  settings: "
               + ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)))
-        ensure_trained(out, args.sites, cfg, model, device=args.device, dtype=args.dtype,
+        ensure_trained(out, args.sites, cfg, model, device=device, dtype=args.dtype,
                        name=out.name, progress=not args.quiet)
     info = json.loads((out / "suite.json").read_text())
     rows = quality.rows_from_json(info.get("quality") or [])
