@@ -2,6 +2,7 @@
 
 ``tiny_lm(model_type)`` builds (once per session) a 4-layer model of that architecture wrapped as
 a saeflow ``LM``; ``tiny_llama`` is the llama one. Feed them ``torch.randint(0, 256, (B, T))``.
+Tests that need a tokenizer or their own seed build one with ``tests/tiny.py`` (the same sizes).
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+from tiny import LLAMA as TINY
 
 
 def _config(model_type: str):

@@ -14,8 +14,22 @@ def test_demo_config_rejects_empty_theme():
         DemoConfig(themes=("",))
 
 
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A cache of the test's own, so the demo trains and computes nothing into the user's;
+    only the converted embedded model (read-only here) is shared when it exists."""
+    from saeflow.models import cache_dir
+    real = cache_dir() / "models" / "smollm2"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SAEFLOW_CACHE", str(cache))
+    if (real / "model.safetensors").exists():
+        (cache / "models").mkdir(parents=True)
+        (cache / "models" / "smollm2").symlink_to(real, target_is_directory=True)
+    return cache
+
+
 @pytest.mark.slow
-def test_quick_demo_writes_a_report_from_its_own_results(tmp_path, capsys):
+def test_quick_demo_writes_a_report_from_its_own_results(tmp_path, capsys, own_cache):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -35,7 +49,9 @@ def test_quick_demo_writes_a_report_from_its_own_results(tmp_path, capsys):
     assert re.fullmatch(r"\d+/res/\d+", seed) and seed in page
     assert (out / "graphs" / f"{seed.replace('/res/', '-res-')}.json").exists()
     assert page.count("data:image/png;base64,") >= 4  # plots are inlined: one self-contained file
-    # a second run reuses the cached suite and atlas
+    # everything went into the test's cache; a second run reuses the suite and the atlas
+    assert (own_cache / "suites" / "smollm2-quick" / "suite.json").exists()
+    assert (own_cache / "atlases" / "smollm2-quick" / "atlas.json").exists()
     assert main(["demo", "--quick", "--out", str(out)]) == 0
 
 

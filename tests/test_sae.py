@@ -76,7 +76,11 @@ def test_fold_keeps_the_function_and_unit_threshold():
     assert torch.allclose(folded.W_dec, W_DEC * T([0.5, 2.0, 0.25, 1.0])[:, None])
     a, b = sae.encode(x), folded.encode(x)
     assert torch.allclose(b[:, :3], a[:, :3] / theta[:3], atol=1e-6)
-    assert folded.metadata["folded"] and tiny().fold().W_enc is not None  # relu: unchanged
+    assert folded.metadata["folded"]
+    relu = tiny()
+    same = relu.fold()  # relu has no threshold: folding changes no weight
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(same, name), getattr(relu, name)), name
 
 
 def test_unit_decoder_rows():

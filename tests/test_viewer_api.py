@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from saeflow.sites import Feature, Site
+from tiny import byte_tokenizer, tiny_llama_lm
 
 TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
          "Wedding bells rang in the old church as the bride and groom arrived.",
@@ -27,30 +28,11 @@ TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
          "She planted tomatoes, beans and basil in the garden behind the house."] * 3
 
 
-def byte_tokenizer():
-    """A lossless byte-level BPE tokenizer with no merges (vocab 256), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
-    alphabet = sorted(ByteLevel.alphabet())
-    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk)
-
-
 def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from saeflow.models import lm_from_model
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                      max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
-                      pad_token_id=None, initializer_range=0.4)
-    model = LlamaForCausalLM(cfg)
-    model.generation_config.eos_token_id = None
-    return lm_from_model(model, byte_tokenizer(), name="tiny-llama")
+    lm = tiny_llama_lm(max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+                       pad_token_id=None, initializer_range=0.4)
+    lm.model.generation_config.eos_token_id = None
+    return lm
 
 
 def build_setup(folder):
@@ -103,13 +85,27 @@ def get(client, url, status=200):
 
 
 def wait_job(client, job_id, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        j = get(client, f"/api/jobs/{job_id}")
-        if j["status"] in ("done", "error"):
-            return j
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
+    """The job's JSON once it has finished (the worker signals it: no polling)."""
+    job = client.application.extensions["saeflow.steering"].get(job_id)
+    assert job is not None and job.wait(timeout), f"job {job_id} did not finish"
+    return get(client, f"/api/jobs/{job_id}")
+
+
+@pytest.fixture
+def paused(monkeypatch):
+    """Generation stops after its second token until ``release`` is set, so a test acts while
+    a generation surely runs; ``reached`` says it is there."""
+    from saeflow.viewer import steering
+    reached, release = threading.Event(), threading.Event()
+    put = steering._JobStream.put
+
+    def paused_put(self, value):
+        put(self, value)
+        if len(self.ids) == 2 and not release.is_set():
+            reached.set()
+            assert release.wait(60)
+    monkeypatch.setattr(steering._JobStream, "put", paused_put)
+    return reached, release
 
 
 # ---- atlas pages -------------------------------------------------------------------------------
@@ -359,18 +355,22 @@ def test_theme_search_job(client):
     assert client.post("/api/themes", json={"description": "x", "site": "9/res"}).status_code == 404
 
 
-def test_closing_cancels_a_running_generation(setup):
+def test_closing_cancels_a_running_generation(setup, paused):
     from saeflow.hooks import hook_count
     from saeflow.viewer import create_app
     atlas, suite, lm, _ = setup
+    reached, release = paused
     app = create_app(atlas.root, lm=lm, suite=suite, texts=TEXTS)
     c = app.test_client()
     job_id = c.post("/api/steer", json={**STEER, "max_new_tokens": 256}).get_json()["id"]
-    t0 = time.time()
-    while get(c, f"/api/jobs/{job_id}")["progress"]["done"] < 2 and time.time() - t0 < 60:
-        time.sleep(0.02)
-    for close in app.extensions["saeflow.close"]:
-        close()
+    running = app.extensions["saeflow.steering"].get(job_id)
+    assert reached.wait(60)  # the unsteered continuation is two tokens in, and waits
+    closing = threading.Thread(target=lambda: [close() for close in app.extensions["saeflow.close"]])
+    closing.start()  # cancels the job, then waits for the worker
+    assert running.wait_cancel(30)
+    release.set()  # the generation goes on: its stopping criterion sees the cancellation
+    closing.join(60)
+    assert running.wait(30)
     job = get(c, f"/api/jobs/{job_id}")
     assert job["status"] == "error" and "cancelled" in job["error"]
     assert job["progress"]["done"] < 2 * 256 and hook_count(lm.model) == 0
@@ -397,19 +397,20 @@ def _http(url, data=None, timeout=30):
         return e.code, json.loads(e.read())
 
 
-def test_server_answers_while_a_generation_runs(app):
+def test_server_answers_while_a_generation_runs(app, paused):
     from saeflow.viewer import ViewerServer
+    reached, release = paused
     server = ViewerServer(app, port=0).start()
     try:
         status, job = _http(f"{server.url}/api/steer", {**STEER, "max_new_tokens": 200,
                                                        "coefficient": 2.0})
         assert status == 202
-        latencies, errors = [], []
+        assert reached.wait(60)  # the generation is running (and holds until released)
+        answers, errors = [], []
 
         def hit():
-            t0 = time.perf_counter()
             s, _ = _http(f"{server.url}/api/features/1/res/3")
-            latencies.append(time.perf_counter() - t0)
+            answers.append(s)
             if s != 200:
                 errors.append(s)
         threads = [threading.Thread(target=hit) for _ in range(16)]
@@ -418,12 +419,11 @@ def test_server_answers_while_a_generation_runs(app):
         for t in threads:
             t.join()
         _, running = _http(f"{server.url}/api/jobs/{job['id']}")
-        assert not errors and max(latencies) < 5
-        assert running["status"] in ("running", "done")
-        t0 = time.time()
-        while running["status"] not in ("done", "error") and time.time() - t0 < 120:
-            time.sleep(0.2)
-            _, running = _http(f"{server.url}/api/jobs/{job['id']}")
+        assert not errors and len(answers) == 16  # all answered while the job ran
+        assert running["status"] == "running"
+        release.set()
+        assert app.extensions["saeflow.steering"].get(job["id"]).wait(120)
+        _, running = _http(f"{server.url}/api/jobs/{job['id']}")
         assert running["status"] == "done" and running["steered"]
     finally:
         server.shutdown()

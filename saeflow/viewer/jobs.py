@@ -36,8 +36,25 @@ class Job:
     finished: float | None = None
     error: str | None = None
     data: dict = field(default_factory=dict)  # what the job reports (progress, texts, ...)
-    cancelled: bool = False  # long steps check it and raise ``Cancelled``
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """Long steps check it (``check``) and stop."""
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job has finished (done or error); False on timeout."""
+        return self._done.wait(timeout)
+
+    def wait_cancel(self, timeout: float | None = None) -> bool:
+        """Block until the job is cancelled; False on timeout."""
+        return self._cancel.wait(timeout)
 
     def check(self) -> None:
         if self.cancelled:
@@ -126,7 +143,7 @@ class Worker:
         self._closed = True
         with self._jobs_lock:
             for job in self._jobs.values():
-                job.cancelled = True
+                job.cancel()
         if self._thread is not None and self._thread.is_alive():
             try:
                 self._queue.put_nowait((None, None))
@@ -140,6 +157,7 @@ class Worker:
             if job is None or self._closed:
                 if job is not None:
                     job.status, job.error = "error", "cancelled: the viewer is stopping"
+                    job._done.set()
                 self._queue.task_done()
                 if job is None:
                     return
@@ -168,4 +186,5 @@ class Worker:
             finally:
                 job.finished = time.time()
                 self.current = None
+                job._done.set()
                 self._queue.task_done()
