@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 
 from saeflow.commands import add_model_args
-from saeflow.io import atomic_path
 from saeflow.match import DEFAULT_BLOCK
 
 
@@ -36,42 +34,14 @@ def add(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _open(args):
-    from saeflow.formats import load_sae
-    from saeflow.match import residual_decoder
-    from saeflow.sites import Site
-
-    if args.suite:
-        from saeflow.catalog import load_suite
-        suite = load_suite(args.suite, model=args.model)
-        sites = [Site.parse(args.a), Site.parse(args.b)]
-        lm = None
-        if any(s.kind == "att_z" for s in sites) and not args.permutation:
-            lm = suite.load_model(device=args.device, dtype=args.dtype)
-        saes = [suite[s] for s in sites]
-        dirs = None if args.permutation else [residual_decoder(suite, s, lm) for s in sites]
-        return saes, dirs, [str(s) for s in sites]
-    saes = [load_sae(args.a), load_sae(args.b)]
-    if not args.permutation and any(s.site is not None and s.site.kind == "att_z" for s in saes):
-        raise ValueError("att_z SAEs match in the residual basis through the model's W_O: use "
-                         "--suite (with a model) instead of bare SAE folders")
-    dirs = None if args.permutation else [residual_decoder(s) for s in saes]
-    return saes, dirs, [args.a, args.b]
-
-
-def _write_csv(path: str, header: list[str], rows) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from saeflow.match import cosine_topk_pair, permutation_match
+    from saeflow.recipes.match import open_pair, write_csv
 
-    saes, dirs, names = _open(args)
+    saes, dirs, names = open_pair(args.a, args.b, args.suite, args.model, args.permutation,
+                                  args.device, args.dtype)
     if args.permutation:
         res = permutation_match(saes[0], saes[1], use_encoder=args.encoder, solver=args.solver,
                                 knn=args.knn, block=args.block, precision=args.precision)
@@ -82,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
               f"{res.seconds:.1f} s; total squared distance {res.cost:.4g}; mean cosine "
               f"{res.mean_cos:.3f}; cosine > 0.5 for {(cos > 0.5).float().mean():.1%}")
         if args.out:
-            _write_csv(args.out, ["index_a", "index_b", "cos"],
+            write_csv(args.out, ["index_a", "index_b", "cos"],
                        ([i, int(j), f"{c:.6f}"] for i, (j, c) in enumerate(zip(res.perm, cos))))
         return 0
     assert dirs is not None  # (None only for --permutation)
@@ -99,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         rows = ([i, r, int(fwd.indices[i, r]), f"{float(fwd.values[i, r]):.6f}"]
                 for i in range(len(top)) for r in range(fwd.indices.shape[1]))
-        _write_csv(args.out, ["index_a", "rank", "index_b", "cos"], rows)
+        write_csv(args.out, ["index_a", "rank", "index_b", "cos"], rows)
     return 0

@@ -33,10 +33,8 @@ def add(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from saeflow import quality
-    from saeflow.sites import parse_sites
     from saeflow.catalog import load_suite
-    from saeflow.io import write_json_atomic
-    from saeflow.suite import SUITE_JSON
+    from saeflow.recipes.quality import quality_sites, store_quality
     suite = load_suite(args.suite, model=args.model)
     if args.cached:
         rows = quality.rows_from_json(suite.info.get("quality") or [])
@@ -46,30 +44,16 @@ def run(args: argparse.Namespace) -> int:
         print(quality.format_table(rows))
         return 0
     lm = suite.load_model(device=args.device, dtype=args.dtype)
-    sites = suite.sites()
-    if args.sites:
-        wanted = set(parse_sites(args.sites, lm.n_layers))
-        missing = wanted - set(sites)
-        if missing:
-            raise ValueError(f"suite {suite.name!r} has no SAE at "
-                             f"{', '.join(map(str, sorted(missing)))}")
-        sites = sorted(wanted)
+    sites = quality_sites(suite, args.sites, lm.n_layers)
     rows = quality.evaluate(lm, {s: suite[s] for s in sites}, source=args.source,
                             tokens=args.tokens, loss_tokens=args.loss_tokens,
                             res_ablation=args.res_ablation, workers=args.workers,
                             progress=not args.quiet)
     print(quality.format_table(rows))
-    if suite.root is not None and not args.no_save and (suite.root / SUITE_JSON).exists():
-        if args.sites:  # merge into the stored table
-            old = {r.site: r for r in quality.rows_from_json(suite.info.get("quality") or [])}
-            old.update({r.site: r for r in rows})
-            rows = list(old.values())
-        info = {**suite.info, "quality": quality.rows_to_json(rows),
-                "quality_summary": quality.summarize(rows),
-                "quality_settings": {"tokens": args.tokens, "loss_tokens": args.loss_tokens,
-                                     "source": args.source, "res_ablation": args.res_ablation,
-                                     "model_dtype": args.dtype}}
-        write_json_atomic(suite.root / SUITE_JSON, info)
-        quality.write_reports(rows, suite.root, title=f"{suite.name} ({lm.name})")
-        print(f"saved: {suite.root / SUITE_JSON}, quality.csv, quality.png")
+    settings = {"tokens": args.tokens, "loss_tokens": args.loss_tokens, "source": args.source,
+                "res_ablation": args.res_ablation, "model_dtype": args.dtype}
+    saved = None if args.no_save else store_quality(
+        suite, rows, settings, f"{suite.name} ({lm.name})", merge=bool(args.sites))
+    if saved:
+        print(f"saved: {saved}, quality.csv, quality.png")
     return 0
