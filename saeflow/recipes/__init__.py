@@ -6,7 +6,9 @@ a recipe and print; the demo calls the same recipes and renders their results.
   - ``saeflow.recipes.steering``: steering plans from a plan file, a flow graph, features or a
     theme, and unsteered/steered generations (``saeflow steer``, ``saeflow themes``, viewer);
   - ``saeflow.recipes.steer_eval``: the steering evaluation over themes (``saeflow steer-eval``);
-  - ``saeflow.recipes.deactivation``: the causal check of the matches (``saeflow deactivate``).
+  - ``saeflow.recipes.deactivation``: the causal check of the matches (``saeflow deactivate``);
+  - ``saeflow.recipes.describe``, ``.match``, ``.quality``: ``saeflow info``, ``match`` and
+    ``quality``.
 What a suite or atlas name means is ``saeflow.catalog``; plots are ``saeflow.plots``.
 """
 
