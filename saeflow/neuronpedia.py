@@ -233,8 +233,8 @@ class NeuronpediaIds:
             for site in suite.sites():
                 given = (spec.get("sources") or {}).get(str(site))
                 if given or pattern:
-                    ids.sources[site] = str(given or pattern.format(layer=site.layer,
-                                                                    kind=site.kind))
+                    ids.sources[site] = (str(given) if given else
+                                         str(pattern).format(layer=site.layer, kind=site.kind))
             return ids
         from saeflow.formats.saelens import CFG, read_json, saelens_config
         model, sources = None, {}
