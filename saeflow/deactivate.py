@@ -11,29 +11,35 @@ Steps, for each target layer L (L >= 1):
      (res = R_{L-1}, mlp = M_L, att = A_L or its att_z SAE):
        top1        top-1 decoder cosine (``saeflow.match.cosine_topk`` on residual-basis rows);
        top5        the top-5 by cosine, all removed at once;
-       random5     one of the top-5 drawn uniformly (seeded);
+       random5     one of the top-5 drawn uniformly (seeded): a *weak-match* baseline (the
+                   2nd-5th best matches), not chance;
+       random_active  one active feature of the source site drawn uniformly (seeded): the
+                   chance level of a single-feature deactivation;
        permutation one-to-one LAP matching (``saeflow.match.permutation_match``);
-       pearson     top-1 Pearson correlation of activations on separate texts (data baseline);
+       pearson     top-1 Pearson correlation of activations on separate texts (data baseline;
+                   ``saeflow.correlate``, streamed over ``corr_tokens`` tokens, default 100k,
+                   keeping only the targets' columns; fewer than 100k is flagged underpowered);
        exhaustive  an oracle: every active feature of the site is tried alone, the one that
                    lowers z most counts (the paper's "exhaustive search" ceiling).
      (target, kind, strategy) is a *pair* when at least one named predecessor is active there.
   4. Deactivate only at that token: at the predecessor's site ``h <- h + (r - 1) * sum a_j v_j``
      (a_j its activation, v_j its row of ``SAE.steering_vectors()``), recompute block L only
-     and re-encode R_L. success: z_new == 0; activation change: 1 - z_new / z_old.
+     and re-encode R_L. success: z_new == 0; activation change: 1 - z_new / z_old;
+     pre-activation drop: 1 - p_new / p_old with p the target's encoder pre-activation (before
+     ReLU / TopK / JumpReLU), which shows how far a TopK latent was pushed even when it stays
+     in the top k, so TopK and JumpReLU suites compare.
 
-Batching (all exact): only block L is recomputed, called directly with the keyword arguments
-(rotary embeddings, mask) the model itself passes it, captured once per length. Attention is
-causal, so an R_{L-1} edit at token t needs one batch row holding the clean prefix [0..t]; an
-M_L or A_L edit needs only token t, with the attention output set to its clean value (plus the
-edit). One edited row serves every target that reads it (all active targets at that token),
-and strategies naming the same active predecessors share rows. Each layer first checks that
-an unedited row reproduces the model's own R_L.
+Batching (exact; ``saeflow.block_edits``): only block L is recomputed, on edited rows (a clean
+prefix for an R_{L-1} edit, one token for an M_L or A_L edit); one edited row serves every
+target that reads it, and strategies naming the same active predecessors share rows.
 
 Choices where the paper is silent: only active predecessors are deactivated (inactive ones
 contribute nothing); random5 draws among all five, active or not, and counts only when the
-drawn one is active; permutation is skipped for att_z sites (their decoders live in another
-basis) and for sites of another width; pearson has no answer for targets that never fire on
-the correlation texts; each pair counts once in "all kinds". ``max_pairs`` drops whole target
+drawn one is active; random_active draws anew for each pair (its single-feature rows
+coincide with the oracle's, so it costs nothing extra when the oracle runs); permutation is
+skipped for att_z sites (their decoders live in another basis) and for sites of another width;
+pearson has no answer for targets that never fire on the correlation texts; each pair counts
+once in "all kinds". ``max_pairs`` drops whole target
 occurrences at random so every strategy is compared on the same targets. The summary also gives,
 beside each strategy, what the exhaustive oracle reaches on the same (target, kind) pairs (its
 ceiling). Matches come from ``saeflow.match`` directly rather than from a stored atlas, which
@@ -46,7 +52,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -55,10 +61,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saeflow.hooks import BlockRerun, editing, recording, run_sites
+from saeflow.block_edits import (Edit, block_inputs, edit_delta, edited_target_acts,
+                                 iter_edited_acts, naive_target_acts)
+from saeflow.correlate import POWER_TOKENS, StreamingPearson, pearson_top1
+from saeflow.hooks import BlockRerun, run_sites
 from saeflow.sites import Feature, Site
 
-STRATEGIES = ("top1", "top5", "random5", "permutation", "pearson", "exhaustive")
+__all__ = ["STRATEGIES", "DeactivationConfig", "DeactivationResult", "Edit", "PairOutcome",
+           "SummaryRow", "block_inputs", "edit_delta", "edited_target_acts", "iter_edited_acts",
+           "naive_target_acts", "pearson_top1", "run_deactivation", "summarize", "tokenize_texts"]
+
+STRATEGIES = ("top1", "top5", "random5", "random_active", "permutation", "pearson",
+              "exhaustive")
+RESULT_VERSION = 2  # bumped when pairs change meaning or fields (checkpoints of others are redone)
 KIND_ORDER = ("res", "mlp", "att")
 
 
@@ -71,7 +86,7 @@ class DeactivationConfig:
     max_len: int = 64  # tokens per text (longer texts are cut)
     max_pairs: int | None = None  # over all layers, split evenly
     top_k: int = 5
-    corr_tokens: int = 4096  # tokens for the Pearson baseline
+    corr_tokens: int = POWER_TOKENS  # tokens for the Pearson baseline (fewer: underpowered)
     batch_tokens: int = 8192  # edited rows x prefix length per block call
     seed: int = 0
 
@@ -111,6 +126,7 @@ class PairOutcome(NamedTuple):
     z_new: float
     change: float  # 1 - z_new / z_old
     success: bool  # z_new == 0
+    pre_drop: float = math.nan  # 1 - p_new / p_old, p the target's encoder pre-activation
 
 
 class SummaryRow(NamedTuple):
@@ -122,6 +138,7 @@ class SummaryRow(NamedTuple):
     success_rate: float
     mean_change: float
     median_change: float  # robust to targets that barely fired (z_old near 0)
+    mean_pre_drop: float  # mean of 1 - p_new / p_old (pre-activations; NaN if not measured)
     oracle_success_rate: float  # the exhaustive oracle on the same pairs (nan if not run)
     oracle_mean_change: float
 
@@ -133,40 +150,7 @@ class DeactivationResult:
     info: dict  # settings, per-layer counts, notes, recompute check, timings
 
 
-class Edit(NamedTuple):
-    """Add ``delta`` [width] to the hidden state of ``site`` at one token of one text."""
-    text: int
-    position: int
-    site: Site
-    delta: Tensor
-
-
 # ---- pure functions ---------------------------------------------------------------------
-def edit_delta(acts_P: Tensor, vectors_PD: Tensor, r: float) -> Tensor:
-    """``(r - 1) * sum_j a_j v_j``: rescale features with activations ``a`` by ``r``."""
-    return (r - 1.0) * (acts_P.to(vectors_PD.dtype) @ vectors_PD)
-
-
-def pearson_top1(x_NT: Tensor, y_NF: Tensor, block: int = 1024) -> tuple[Tensor, Tensor]:
-    """For each column of ``x`` the column of ``y`` with the highest Pearson correlation over
-    the N rows: (values [T], indices [T]); index -1 where x's column is constant."""
-    x = x_NT.float() - x_NT.float().mean(0)
-    y = y_NF.float() - y_NF.float().mean(0)
-    xs, ys = x.norm(dim=0), y.norm(dim=0)
-    yn = torch.where(ys > 0, 1.0 / ys.clamp_min(1e-30), torch.zeros_like(ys))
-    vals, idx = [], []
-    for i in range(0, x.shape[1], block):
-        C = (x[:, i:i + block].T @ y) * yn  # [b, F], still to divide by |x|
-        C = C / xs[i:i + block, None].clamp_min(1e-30)
-        C[:, ys == 0] = -math.inf
-        v, j = C.max(dim=1)
-        vals.append(v.float())
-        idx.append(j)
-    v, j = torch.cat(vals), torch.cat(idx)
-    dead = (xs == 0) | (ys > 0).sum().eq(0)
-    return torch.where(dead, torch.nan, v), torch.where(dead, -1, j)
-
-
 def summarize(pairs: Sequence[PairOutcome]) -> list[SummaryRow]:
     """Success rate and activation change per strategy and r, per layer x kind, with "all"
     margins; beside each, what the exhaustive oracle reaches on the same (target, kind)."""
@@ -189,129 +173,16 @@ def summarize(pairs: Sequence[PairOutcome]) -> list[SummaryRow]:
     for k in sorted(groups, key=order):
         g = groups[k]
         change = [p.change for p in g]
+        pre = [p.pre_drop for p in g if not math.isnan(p.pre_drop)]
         o = [oracle.get(key(p)) for p in g]
         o_ok = all(x is not None for x in o)
         rows.append(SummaryRow(
             *k, n=len(g), success_rate=sum(p.success for p in g) / len(g),
             mean_change=float(np.mean(change)), median_change=float(np.median(change)),
+            mean_pre_drop=float(np.mean(pre)) if pre else math.nan,
             oracle_success_rate=sum(x.success for x in o) / len(g) if o_ok else math.nan,
             oracle_mean_change=float(np.mean([x.change for x in o])) if o_ok else math.nan))
     return rows
-
-
-# ---- running block L on edited prefixes -------------------------------------------------
-def _adder(b_idx: Tensor, t_idx: Tensor, delta_ND: Tensor):
-    def fn(h):
-        h = h.clone()
-        h[b_idx, t_idx] = h[b_idx, t_idx] + delta_ND.to(h.dtype)
-        return h
-    return fn
-
-
-def _setter(value_BD: Tensor):
-    """Replace a one-token hidden state [B, 1, width] by ``value``."""
-    return lambda h: value_BD[:, None].to(h.dtype)
-
-
-def _chunks(order: list[int], cost, budget: int) -> list[list[int]]:
-    """Split ``order`` into runs whose ``len(run) * cost(last)`` stays within ``budget``."""
-    out, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * cost(i) > budget:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    return out + [cur] if cur else out
-
-
-@torch.no_grad()
-def iter_edited_acts(lm, prev_hidden: Sequence[Tensor], edits: Sequence[Edit], layer: int, sae,
-                     batch_tokens: int = 8192, progress: bool = False
-                     ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Target-SAE activations at R_``layer`` after each edit, in batches: yields
-    (edit indices [B], acts [B, F]). ``prev_hidden[text]`` is the clean input of block
-    ``layer`` [T, d]; edits sit at ``layer-1/res`` or at ``layer``'s mlp / att / att_z.
-
-    An edit of R_{L-1} at token t changes what token t attends with, so its row holds the clean
-    prefix [0..t]. An edit of A_L, M_L or the o_proj input changes nothing before it in block L,
-    so its row is token t alone, with the attention output (or o_proj input) set to its clean
-    value plus the edit: only the rest of the block is recomputed."""
-    from tqdm.auto import tqdm
-
-    for e in edits:
-        if not (e.site == Site(layer - 1, "res")
-                or (e.site.layer == layer and e.site.kind in ("mlp", "att", "att_z"))):
-            raise ValueError(f"edit at {e.site} cannot feed {layer}/res directly; edits must be "
-                             f"at {layer - 1}/res or at {layer}/mlp, att or att_z")
-    run, dev, dt = BlockRerun(lm, layer), lm.device, lm.dtype
-    att, att_z = Site(layer, "att"), Site(layer, "att_z")
-    pre = sorted((i for i, e in enumerate(edits) if e.site.kind == "res"),
-                 key=lambda i: (edits[i].position, edits[i].text))
-    batches = [("res", b) for b in _chunks(pre, lambda i: edits[i].position + 1, batch_tokens)]
-    for kind in ("mlp", "att", "att_z"):
-        one = [i for i, e in enumerate(edits) if e.site.kind == kind]
-        batches += [(kind, b) for b in _chunks(one, lambda i: 1, batch_tokens)]
-    clean: dict[int, dict[Site, Tensor]] = {}  # text -> clean attention outputs [T, width]
-    for text in sorted({edits[i].text for k, b in batches if k != "res" for i in b}):
-        with recording(lm, [att, att_z]) as rec:
-            run(prev_hidden[text][None])
-        clean[text] = {s: v[0] for s, v in rec.items()}
-    for kind, batch in tqdm(batches, desc=f"layer {layer} edits", disable=not progress,
-                            leave=False):
-        es = [edits[i] for i in batch]
-        delta = torch.stack([e.delta for e in es]).to(dev)
-        if kind == "res":
-            T = es[-1].position + 1
-            h = torch.zeros(len(es), T, prev_hidden[0].shape[-1], dtype=dt, device=dev)
-            for b, e in enumerate(es):
-                h[b, :e.position + 1] = prev_hidden[e.text][:e.position + 1]
-            t_idx = torch.tensor([e.position for e in es], device=dev)
-            h[torch.arange(len(es), device=dev), t_idx] += delta.to(dt)
-            hooks = {}
-        else:
-            T, t_idx = 1, torch.zeros(len(es), dtype=torch.long, device=dev)
-            h = torch.stack([prev_hidden[e.text][e.position] for e in es])[:, None]
-
-            def at(site):
-                return torch.stack([clean[e.text][site][e.position] for e in es]).to(dev)
-            hooks = ({att_z: _setter(at(att_z) + delta)} if kind == "att_z" else
-                     {att: _setter(at(att) + delta)} if kind == "att" else
-                     {att: _setter(at(att)), Site(layer, "mlp"): _adder(
-                         torch.arange(len(es), device=dev), t_idx, delta)})
-        run.prepare(T)  # before the edit hooks exist: the capture pass must run clean
-        with editing(lm, hooks):
-            out = run(h)
-        x = out[torch.arange(len(es), device=dev), t_idx]
-        yield torch.tensor(batch), sae.encode(x).float().cpu()
-
-
-@torch.no_grad()
-def block_inputs(lm, ids: Sequence[Tensor], layer: int) -> list[Tensor]:
-    """The clean input of block ``layer`` for each text (its R_{layer-1}), [T, d] each."""
-    out = []
-    for x in ids:
-        out.append(run_sites(lm, x[None], [Site(layer - 1, "res")])[Site(layer - 1, "res")][0])
-    return out
-
-
-def edited_target_acts(lm, ids: Sequence[Tensor], edits: Sequence[Edit], layer: int, sae,
-                       batch_tokens: int = 8192) -> Tensor:
-    """Target-SAE activations [n_edits, F] at R_``layer`` after each edit (batched path)."""
-    prev = block_inputs(lm, ids, layer)
-    out = torch.zeros(len(edits), sae.d_sae)
-    for idx, acts in iter_edited_acts(lm, prev, edits, layer, sae, batch_tokens):
-        out[idx] = acts
-    return out
-
-
-@torch.no_grad()
-def naive_target_acts(lm, ids: Sequence[Tensor], edit: Edit, layer: int, sae) -> Tensor:
-    """Reference: one full forward pass of the whole text with the edit hooked in, [F]."""
-    target = Site(layer, "res")
-    fn = _adder(torch.tensor([0]), torch.tensor([edit.position]), edit.delta[None])
-    with editing(lm, {edit.site: fn}), recording(lm, [target]) as rec:
-        lm.model(input_ids=ids[edit.text][None].to(lm.device), use_cache=False)
-    return sae.encode(rec[target][0, edit.position]).float().cpu()
 
 
 # ---- the experiment ---------------------------------------------------------------------
@@ -349,8 +220,8 @@ def _batched_sites(lm, ids, sites, batch=8):
 
 
 def _fingerprint(cfg, layer, suite, ids, corr_ids) -> str:
-    h = hashlib.sha1(json.dumps([asdict(cfg), layer, str(suite.name), str(suite.root)],
-                                default=str).encode())
+    h = hashlib.sha1(json.dumps([RESULT_VERSION, asdict(cfg), layer, str(suite.name),
+                                 str(suite.root)], default=str).encode())
     for x in list(ids) + [torch.tensor([-1])] + list(corr_ids or []):
         h.update(x.numpy().astype(np.int64).tobytes() + b"|")
     return h.hexdigest()
@@ -373,29 +244,24 @@ def _recompute_error(lm, prev: Sequence[Tensor], samples, rows_tgt: Tensor, laye
     return worst
 
 
-def _candidates(lm, suite, layer, present, corr, cfg, notes):
+def _candidates(lm, suite, layer, present, pearson, cfg, notes):
     """Per kind and strategy, the named predecessors of each present target: [P, m] int64,
-    -1 where a strategy has no answer (None for exhaustive: every active feature). Also the
-    residual-basis unit decoders of the targets [P, d] and of each source site."""
+    -1 where a strategy has no answer ("all" for exhaustive: every active feature; "draw" for
+    random_active: one of them at random). Also the residual-basis unit decoders of the
+    targets [P, d] and of each source site. ``pearson``: per kind, top-1 indices [P]."""
     from saeflow.match import cosine_topk, permutation_match, residual_decoder
 
     tgt = Site(layer, "res")
     sae_t = suite[tgt]
     U_t = residual_decoder(suite, tgt, lm).float()[present]
     rng = np.random.default_rng([cfg.seed, layer])
-    x_corr = None
-    if "pearson" in cfg.strategies:
-        x_corr = sae_t.encode(corr[tgt]).float()[:, present]
-        if (silent := int((x_corr.amax(0) <= 0).sum())):
-            notes.append(f"layer {layer}: {silent} of {len(present)} targets never fire on the "
-                         f"correlation texts (no pearson predecessor)")
     cands, U_p = {}, {}
     for kind, site in predecessor_sites(suite, layer).items():
         sae = suite[site]
         U_p[kind] = U = residual_decoder(suite, site, lm).float()
         k = min(cfg.top_k, U.shape[0])
         top = cosine_topk(U_t, U, k=k).indices.numpy()
-        c = {"top1": top[:, :1], "top5": top, "exhaustive": None,
+        c = {"top1": top[:, :1], "top5": top, "exhaustive": "all", "random_active": "draw",
              "random5": top[np.arange(len(top)), rng.integers(0, k, len(top))][:, None]}
         if "permutation" in cfg.strategies:
             if site.kind == "att_z" or (sae.d_sae, sae.d_in) != (sae_t.d_sae, sae_t.d_in):
@@ -403,13 +269,13 @@ def _candidates(lm, suite, layer, present, corr, cfg, notes):
                              f"{sae.d_sae}, basis {site.kind}; {tgt} has {sae_t.d_sae})")
             else:
                 c["permutation"] = permutation_match(sae_t, sae).perm.numpy()[present][:, None]
-        if x_corr is not None:
-            c["pearson"] = pearson_top1(x_corr, sae.encode(corr[site]).float())[1].numpy()[:, None]
+        if kind in pearson:
+            c["pearson"] = pearson[kind][:, None]
         cands[kind] = {s: c[s] for s in cfg.strategies if s in c}
     return cands, U_t, U_p
 
 
-def _pair_specs(occ, pos_of, cands, A_p, cap, rng, notes, layer):
+def _pair_specs(occ, pos_of, cands, A_p, cap, rng, notes, layer, draw_rng):
     """(sample, target, kind, strategy, deactivated features) for every pair, at most ``cap``
     of them, dropping whole target occurrences at random."""
     by_occ = []
@@ -417,8 +283,12 @@ def _pair_specs(occ, pos_of, cands, A_p, cap, rng, notes, layer):
         specs = []
         for kind, cs in cands.items():
             a = A_p[kind][s]
+            on = np.flatnonzero(a > 0)
             for strat, c in cs.items():
-                named = np.flatnonzero(a > 0) if c is None else c[pos_of[j]]
+                if isinstance(c, str):
+                    named = on if c == "all" or not len(on) else on[[draw_rng.integers(len(on))]]
+                else:
+                    named = c[pos_of[j]]
                 act = tuple(sorted({int(p) for p in named if p >= 0 and a[p] > 0}))
                 if act:
                     specs.append((s, j, kind, strat, act))
@@ -436,11 +306,19 @@ def _pair_specs(occ, pos_of, cands, A_p, cap, rng, notes, layer):
     return [sp for group in by_occ for sp in group], len(by_occ)
 
 
-def _run_layer(lm, suite, layer, samples, prev, rows, corr, cfg, cap, progress):
-    tgt, notes = Site(layer, "res"), []
+def present_targets(suite, layer: int, rows: dict) -> np.ndarray:
+    """The target features of ``layer``/res active at some sampled token, sorted."""
+    A_t = suite[Site(layer, "res")].encode(rows[Site(layer, "res")]).float()
+    return np.flatnonzero((A_t > 0).any(0).numpy())
+
+
+def _run_layer(lm, suite, layer, samples, prev, rows, pearson, cfg, cap, progress):
+    tgt, notes = Site(layer, "res"), list(pearson.get("notes", []))
     sae_t, sites = suite[tgt], predecessor_sites(suite, layer)
     check = _recompute_error(lm, prev, samples, rows[tgt], layer)  # fail before the real work
-    A_t = sae_t.encode(rows[tgt]).float().numpy()  # [S, Ft]
+    P_t = sae_t.pre_acts(rows[tgt]).float()
+    A_t = sae_t.activate(P_t).numpy()  # [S, Ft]
+    P_t = P_t.numpy()
     occ = np.argwhere(A_t > 0)  # [n_occ, 2]: (sample, target) of every target occurrence
     present = np.unique(occ[:, 1])
     if not len(present):
@@ -450,10 +328,12 @@ def _run_layer(lm, suite, layer, samples, prev, rows, corr, cfg, cap, progress):
     A_p = {k: suite[s].encode(rows[s]).float().numpy() for k, s in sites.items()}
     V_p = {k: suite[s].steering_vectors().float() for k, s in sites.items()}  # [F, width]
     t0 = time.perf_counter()
-    cands, U_t, U_p = _candidates(lm, suite, layer, torch.from_numpy(present), corr, cfg, notes)
+    cands, U_t, U_p = _candidates(lm, suite, layer, torch.from_numpy(present),
+                                  pearson.get("top1", {}), cfg, notes)
     t1 = time.perf_counter()
     specs, n_occ = _pair_specs(occ.tolist(), pos_of, cands, A_p, cap,
-                               np.random.default_rng([cfg.seed, layer, 1]), notes, layer)
+                               np.random.default_rng([cfg.seed, layer, 1]), notes, layer,
+                               np.random.default_rng([cfg.seed, layer, 2]))
     # one edited row per (sample, kind, deactivated set, r); a probe reads one target of a row
     row_of: dict[tuple, int] = {}
     edits, members, probes, meta = [], [], [], []  # probes: (pair id, row, target)
@@ -471,29 +351,35 @@ def _run_layer(lm, suite, layer, samples, prev, rows, corr, cfg, cap, progress):
                 probes.append((len(meta) - 1, row_of[(s, kind, m, r)], j))
     pid, row, tgt_idx = np.asarray(probes, dtype=np.int64).reshape(-1, 3).T
     order = np.argsort(row, kind="stable")
-    z = np.full(len(row), np.nan)
-    for idx, acts in iter_edited_acts(lm, prev, edits, layer, sae_t, cfg.batch_tokens, progress):
+    z, pre = np.full(len(row), np.nan), np.full(len(row), np.nan)
+    for idx, acts, pa in iter_edited_acts(lm, prev, edits, layer, sae_t, cfg.batch_tokens,
+                                          progress, with_pre=True):
         lo, hi = (np.searchsorted(row[order], idx.numpy(), side) for side in ("left", "right"))
         for b in range(len(idx)):
             pr = order[lo[b]:hi[b]]
             z[pr] = acts[b].numpy()[tgt_idx[pr]]
+            pre[pr] = pa[b].numpy()[tgt_idx[pr]]
     t2 = time.perf_counter()
     best = {}  # per pair the probe that lowered the target most (the only one but exhaustive)
-    for p in np.lexsort((z, pid)):
+    for p in np.lexsort((pre, z, pid)):
         best.setdefault(int(pid[p]), int(p))
     out = []
     for i, ((s, j, kind, strat, _), r) in enumerate(meta):
         m = members[row[best[i]]]
         z_old, z_new = float(A_t[s, j]), float(z[best[i]])
+        p_old, p_new = float(P_t[s, j]), float(pre[best[i]])
         out.append(PairOutcome(
             layer, kind, strat, r, samples[s][0], samples[s][1], str(Feature(tgt, j)),
             ";".join(str(Feature(sites[kind], q)) for q in m),
             max(float(U_t[pos_of[j]] @ U_p[kind][q]) for q in m),
-            z_old, z_new, 1.0 - z_new / z_old, z_new <= 0.0))
+            z_old, z_new, 1.0 - z_new / z_old, z_new <= 0.0,
+            1.0 - p_new / p_old if p_old > 0 else math.nan))
     info = {"sites": {k: str(s) for k, s in sites.items()}, "samples": len(samples),
             "target_occurrences": n_occ, "pairs": len(meta), "edited_rows": len(edits),
             "recompute_error": check, "match_seconds": round(t1 - t0, 2),
             "rerun_seconds": round(t2 - t1, 2), "notes": notes}
+    if "stats" in pearson:
+        info["pearson"] = pearson["stats"]
     return out, info
 
 
@@ -521,20 +407,58 @@ def _collect(lm, suite, ids, samples, layers):
     return prev, {s: torch.cat(v) for s, v in rows.items()}
 
 
-def _collect_corr(lm, suite, corr_ids, layers, n_tokens):
-    """Hidden states of every needed site at up to ``n_tokens`` tokens (never position 0)."""
+def pearson_predecessors(lm, suite, corr_ids, present: dict[int, np.ndarray], n_tokens: int,
+                         progress: bool = False) -> dict[int, dict]:
+    """Per layer: the top-1 Pearson predecessor of each present target at each kind of source
+    site (``{"top1": {kind: [P] int64}}``), streamed over up to ``n_tokens`` tokens of
+    ``corr_ids`` (never position 0), keeping only the targets' columns; with ``stats`` (tokens,
+    how often the targets fire, whether the sample is underpowered) and ``notes``."""
+    from tqdm.auto import tqdm
+
+    layers = sorted(present)
     need = _needed_sites(suite, layers)
-    acc: dict[Site, list] = {s: [] for s in need}
+    acc = {L: {k: StreamingPearson(len(present[L]), suite[s].d_sae)
+               for k, s in predecessor_sites(suite, L).items()} for L in layers}
+    cols = {L: torch.from_numpy(present[L]) for L in layers}
     n = 0
+    bar = tqdm(total=n_tokens, desc="pearson tokens", unit="tok", disable=not progress,
+               leave=False)
     for i, hs in _batched_sites(lm, corr_ids, need):
+        keep = []  # (batch row, end) of the tokens taken from each text
         for b in range(hs[need[0]].shape[0]):
             end = min(len(corr_ids[i + b]), n_tokens - n + 1)
-            for s in need:
-                acc[s].append(hs[s][b, 1:end].float().cpu())
-            n += max(end - 1, 0)
+            if end > 1:
+                keep.append((b, end))
+                n += end - 1
+        if keep:
+            def take(site):
+                return torch.cat([hs[site][b, 1:end] for b, end in keep]).float().cpu()
+            for L in layers:
+                x = suite[Site(L, "res")].encode(take(Site(L, "res")))[:, cols[L]]
+                for kind, site in predecessor_sites(suite, L).items():
+                    acc[L][kind].update(x, suite[site].encode(take(site)))
+            bar.update(sum(end - 1 for _, end in keep))
         if n >= n_tokens:
             break
-    return {s: torch.cat(v) for s, v in acc.items()}
+    bar.close()
+    out = {}
+    for L in layers:
+        top1 = {k: a.top1()[1].numpy() for k, a in acc[L].items()}
+        fires = next(iter(acc[L].values())).fires.numpy()
+        silent = int((fires == 0).sum())
+        stats = {"tokens": n, "underpowered": n < POWER_TOKENS, "power_tokens": POWER_TOKENS,
+                 "target_fires_median": float(np.median(fires)) if len(fires) else 0.0,
+                 "targets_silent": silent}
+        notes = []
+        if silent:
+            notes.append(f"layer {L}: {silent} of {len(fires)} targets never fire on the "
+                         f"correlation texts (no pearson predecessor)")
+        if n < POWER_TOKENS:
+            notes.append(f"layer {L}: pearson on {n:,} correlation tokens (< {POWER_TOKENS:,}): "
+                         f"underpowered; the median target fires {stats['target_fires_median']:g}"
+                         " times")
+        out[L] = {"top1": top1, "stats": stats, "notes": notes}
+    return out
 
 
 def run_deactivation(lm, suite, ids: Sequence[Tensor], corr_ids: Sequence[Tensor] | None,
@@ -574,12 +498,15 @@ def run_deactivation(lm, suite, ids: Sequence[Tensor], corr_ids: Sequence[Tensor
     todo = [L for L in cfg.layers if L not in done]
     if todo:
         prev, rows = _collect(lm, suite, ids, samples, todo)
-        corr = (_collect_corr(lm, suite, corr_ids, todo, cfg.corr_tokens)
-                if "pearson" in cfg.strategies else {})
+        corr = {L: {} for L in todo}
+        if "pearson" in cfg.strategies:
+            present = {L: present_targets(suite, L, rows) for L in todo}
+            corr = pearson_predecessors(lm, suite, corr_ids, present, cfg.corr_tokens, progress)
         cap = None if cfg.max_pairs is None else -(-cfg.max_pairs // len(cfg.layers))
         for L in tqdm(todo, desc="layers", disable=not progress):
             t0 = time.perf_counter()
-            pairs, info = _run_layer(lm, suite, L, samples, prev[L], rows, corr, cfg, cap, progress)
+            pairs, info = _run_layer(lm, suite, L, samples, prev[L], rows, corr[L], cfg, cap,
+                                     progress)
             info["seconds"] = round(time.perf_counter() - t0, 2)
             done[L] = (pairs, info)
             if ckpt:

@@ -13,7 +13,8 @@ from pathlib import Path
 from saeflow.io import atomic_path
 
 DEACTIVATION_LABELS = {"top1": "top-1 cosine", "top5": "top-5 cosine (all)",
-                       "random5": "random of top-5", "permutation": "permutation",
+                       "random5": "random of top-5 (weak match)",
+                       "random_active": "random active (chance)", "permutation": "permutation",
                        "pearson": "top-1 Pearson", "exhaustive": "exhaustive"}
 
 

@@ -121,10 +121,34 @@ def test_planted_predecessor_found_and_kills_target(planted):
     rnd = by_strategy["random5"]
     hits = [p.predecessors == expected_pred(kind, j, plus) for p, (kind, j) in rnd]
     assert [p.success for p, _ in rnd] == hits and 0 < sum(hits) < len(hits)
+    # the chance level: one active feature of the site at random, right only when it draws
+    # the planted predecessor (1 in ~32 active features), far below top-1
+    ra = by_strategy["random_active"]
+    hits = [p.predecessors == expected_pred(kind, j, plus) for p, (kind, j) in ra]
+    assert [p.success for p, _ in ra] == hits and len(ra) >= len(by_strategy["top1"])
+    assert 0 < sum(hits) < 0.2 * len(hits)
+    assert len({p.predecessors for p, _ in ra}) > 10  # not one fixed pick
+    # pre-activation drop: the target's pre-activation x - C goes to 1e-7 - C (the planted
+    # predecessor carried the whole projection x up to its own 1e-7 threshold)
+    for p, _ in by_strategy["top1"]:
+        if p.z_old > 0.05:
+            assert p.pre_drop == pytest.approx(1 - (1e-7 - C) / p.z_old, rel=1e-3)
     rows = {(s.strategy, s.layer, s.kind): s for s in res.summary}
     assert rows[("top1", "all", "all")].n == sum(p.strategy == "top1" for p in res.pairs)
+    assert rows[("top1", "all", "all")].mean_pre_drop == pytest.approx(
+        sum(p.pre_drop for p in res.pairs if p.strategy == "top1") / rows[("top1", "all", "all")].n)
+    assert rows[("random_active", "all", "all")].success_rate < \
+        0.5 * rows[("top1", "all", "all")].success_rate
+    # 1,500 correlation tokens are fewer than the 100k the baseline needs: labelled so
+    power = res.info["layers"][str(L)]["pearson"]
+    assert power["tokens"] == min(1500, sum(len(x) - 1 for x in corr)) and power["underpowered"]
+    assert any("underpowered" in n for n in res.info["layers"][str(L)]["notes"])
+    from saeflow.recipes.deactivation import format_table
+    table = format_table(res.summary, [L], res.info)
+    assert "top-1 Pearson (underpowered)" in table and "random active (chance)" in table
+    assert "random of top-5 (weak match)" in table and f"{power['tokens']:,} correlation" in table
     for s in res.summary:  # the oracle tries every single active feature, these among them
-        if s.strategy in ("top1", "random5", "permutation", "pearson"):
+        if s.strategy in ("top1", "random5", "random_active", "permutation", "pearson"):
             assert s.oracle_success_rate >= s.success_rate
             assert s.oracle_mean_change >= s.mean_change - 1e-6
 
@@ -224,6 +248,49 @@ def test_pearson_top1_known_answer():
     assert i[0] == 3 and v[0] == pytest.approx(1.0)
     assert i[1] != 1  # anti-correlated is not correlated
     assert i[2] == -1 and torch.isnan(v[2])
+
+
+def test_streaming_pearson_equals_the_in_memory_correlation():
+    from saeflow.correlate import StreamingPearson
+    g = torch.Generator().manual_seed(1)
+    y = torch.relu(torch.randn(3000, 40, generator=g) - 1.5)  # sparse, like SAE activations
+    y[:, 7] = 0  # a source that never fires is never picked
+    x = torch.stack([y[:, 3] * 2 + 0.1 * torch.relu(torch.randn(3000, generator=g)),
+                     torch.relu(y[:, 11] - 0.2), torch.zeros(3000), y[:, 30]], dim=1)
+    acc = StreamingPearson(4, 40)
+    for i in range(0, 3000, 700):  # uneven chunks
+        acc.update(x[i:i + 700], y[i:i + 700])
+    v, j = acc.top1()
+    v0, j0 = pearson_top1(x, y)
+    assert j.tolist() == j0.tolist() == [3, 11, -1, 30]
+    torch.testing.assert_close(v[[0, 1, 3]], v0[[0, 1, 3]], atol=1e-4, rtol=1e-4)
+    ref = torch.corrcoef(torch.cat([x, y], 1).double().T)[:4, 4:]  # float64 reference
+    ref[:, 7] = -2
+    torch.testing.assert_close(v[[0, 1, 3]].double(), ref.max(1).values[[0, 1, 3]], atol=1e-6,
+                               rtol=1e-6)
+    assert torch.isnan(v[2]) and acc.n == 3000
+    assert acc.fires.tolist() == (x > 0).sum(0).tolist()
+    with pytest.raises(ValueError, match="do not fit"):
+        acc.update(x[:5, :3], y[:5])
+
+
+def test_random_active_draws_uniformly_among_active_features():
+    import numpy as np
+
+    from saeflow.deactivate import _pair_specs
+    a = np.zeros((1, 50))
+    on = [2, 5, 9, 17, 30, 44]
+    a[0, on] = 1.0
+    occ = [(0, j) for j in range(3000)]  # many targets at one token
+    cands = {"res": {"random_active": "draw", "top1": np.full((3000, 1), 9)}}
+    specs, n = _pair_specs(occ, {j: j for j in range(3000)}, cands, {"res": a}, None,
+                           np.random.default_rng(0), [], 6, np.random.default_rng(1))
+    drawn = [act for _, _, _, strat, act in specs if strat == "random_active"]
+    assert n == 3000 and len(drawn) == 3000 and all(len(d) == 1 for d in drawn)
+    counts = np.bincount([d[0] for d in drawn], minlength=50)
+    assert set(np.flatnonzero(counts)) == set(on)
+    chi2 = float(((counts[on] - 500) ** 2 / 500).sum())
+    assert chi2 < 20.5  # chi-square, 5 degrees of freedom, p = 0.001
 
 
 def test_summary_counts_and_config_errors():

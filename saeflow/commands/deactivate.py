@@ -44,7 +44,8 @@ def add(subparsers) -> None:
     p.add_argument("--r", default=joined(d.rs),
                    help="rescale factor(s), e.g. 0 or 0,-1,0.5 (default %(default)s)")
     p.add_argument("--corr-tokens", type=int, default=d.corr_tokens,
-                   help="tokens for the Pearson correlations (default %(default)s)")
+                   help="tokens for the Pearson correlations (default %(default)s; fewer than "
+                        "100,000 are reported as underpowered)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=r.out, help="output folder (default ./%(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         lm = suite.load_model(device=args.device, dtype=args.dtype)
     result = run_deactivation_check(run, suite, lm)
-    print(format_table(result.summary, cfg.layers))
+    print(format_table(result.summary, cfg.layers, result.info))
     for info in result.info["layers"].values():
         for note in info["notes"]:
             print(f"note: {note}")

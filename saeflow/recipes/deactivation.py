@@ -112,29 +112,56 @@ def rows_csv(rows, header) -> str:
     return buf.getvalue()
 
 
-def format_table(summary, layers) -> str:
-    """One block per r: strategy rows; overall, per layer and per kind success / change (n)."""
+def pearson_power(info: dict) -> dict | None:
+    """The Pearson sample of a run (tokens, median firings of the targets, ``underpowered``),
+    pooled over layers, or None when the baseline did not run."""
+    stats = [v["pearson"] for v in info.get("layers", {}).values() if "pearson" in v]
+    if not stats:
+        return None
+    return {"tokens": min(s["tokens"] for s in stats),
+            "target_fires_median": min(s["target_fires_median"] for s in stats),
+            "underpowered": any(s["underpowered"] for s in stats)}
+
+
+def strategy_label(strategy: str, info: dict | None = None) -> str:
+    """The table label of a strategy; Pearson on too few tokens says it is underpowered."""
+    label = DEACTIVATION_LABELS[strategy]
+    power = pearson_power(info or {}) if strategy == "pearson" else None
+    return label + (" (underpowered)" if power and power["underpowered"] else "")
+
+
+def format_table(summary, layers, info: dict | None = None) -> str:
+    """One block per r: strategy rows; overall, per layer and per kind success / change /
+    pre-activation drop (n)."""
     cell = {(s.strategy, s.r, s.layer, s.kind): s for s in summary}
     lines = []
+    w = 26
     for r in sorted({s.r for s in summary}):
         cols = [("all", "all")] + [(str(L), "all") for L in layers] + \
                [("all", k) for k in ("res", "mlp", "att")]
         names = ["all"] + [f"L{L}" for L in layers] + ["res", "mlp", "att"]
         names.append("oracle, same pairs")
-        lines.append(f"r = {r:g}: success rate / mean activation change (pairs); last column: "
-                     f"the exhaustive oracle on the same targets and kinds")
-        lines.append(f"{'strategy':<20}" + "".join(f"{n:>20}" for n in names))
+        lines.append(f"r = {r:g}: success rate / mean activation change / mean pre-activation "
+                     f"drop (pairs); last column: the exhaustive oracle on the same targets and "
+                     f"kinds (success / change)")
+        lines.append(f"{'strategy':<32}" + "".join(f"{n:>{w}}" for n in names))
         for strat in DEACTIVATION_LABELS:
             if not any(k[0] == strat and k[1] == r for k in cell):
                 continue
             parts = []
             for col in cols:
                 c = cell.get((strat, r, *col))
-                parts.append(f"{c.success_rate:>6.0%} / {c.mean_change:5.2f} ({c.n})"
-                             if c else "-")
+                parts.append(f"{c.success_rate:>4.0%} / {c.mean_change:5.2f} / "
+                             f"{c.mean_pre_drop:5.2f} ({c.n})" if c else "-")
             c = cell[(strat, r, "all", "all")]
             parts.append("-" if c.oracle_success_rate != c.oracle_success_rate else
                          f"{c.oracle_success_rate:>6.0%} / {c.oracle_mean_change:5.2f}")
-            lines.append(f"{DEACTIVATION_LABELS[strat]:<20}" + "".join(f"{x:>20}" for x in parts))
+            lines.append(f"{strategy_label(strat, info):<32}" + "".join(f"{x:>{w}}" for x in parts))
         lines.append("")
+    power = pearson_power(info or {})
+    if power:
+        lines.append(f"top-1 Pearson: {power['tokens']:,} correlation tokens, the median target "
+                     f"fires {power['target_fires_median']:g} times"
+                     + (" (underpowered: fewer than 100,000 tokens)" if power["underpowered"]
+                        else ""))
     return "\n".join(lines)
