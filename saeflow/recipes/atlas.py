@@ -9,10 +9,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 from saeflow.atlas import DEFAULT_K, Atlas
 from saeflow.lineage import DEFAULT_NULL_SAMPLES, DEFAULT_QUANTILE, parse_threshold_spec
 from saeflow.match import DEFAULT_BLOCK
+
+if TYPE_CHECKING:
+    from saeflow.models import LM
+    from saeflow.suite import Suite
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,8 @@ class AtlasRun(NamedTuple):
     seconds: float  # wall time of this run (a cached atlas: the time to open it)
 
 
-def atlas_model(suite, labels: bool, device: str = "cpu", dtype: str = "float32"):
+def atlas_model(suite: Suite, labels: bool, device: str = "cpu",
+                dtype: str = "float32") -> LM | None:
     """The model an atlas of ``suite`` needs, or None (labels are then skipped)."""
     needs_model = any(s.kind == "att_z" for s in suite.sites())
     if not (needs_model or labels):
@@ -49,7 +55,8 @@ def atlas_model(suite, labels: bool, device: str = "cpu", dtype: str = "float32"
     return None
 
 
-def build_atlas(suite, opts: AtlasOptions, lm=None, out: str | Path | None = None) -> AtlasRun:
+def build_atlas(suite: Suite, opts: AtlasOptions, lm: LM | None = None,
+                out: str | Path | None = None) -> AtlasRun:
     """Compute (or resume) the atlas into ``out``, or into / from the cache without one."""
     from saeflow.atlas import compute_atlas, ensure_atlas
     thresholds = parse_threshold_spec(opts.thresholds)

@@ -16,12 +16,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+from typing import TYPE_CHECKING
 
 from saeflow.evaluate import CoherenceScorer, SweepConfig, TopicScorer
 from saeflow.flow import FlowGraph
 from saeflow.recipes import Log, config_default, slug
 from saeflow.recipes.steering import PlanOptions, read_examples, trace_graph
 from saeflow.sites import Feature
+
+if TYPE_CHECKING:
+    from saeflow.atlas import Atlas
+    from saeflow.models import LM
+    from saeflow.suite import Suite
+
 
 MAGNITUDE_UNITS = {"res_norm": " (fraction of residual norm)",
                    "activation": " (x typical activation)", "theta": " (x threshold)",
@@ -106,7 +113,8 @@ def auto_layers(graph: FlowGraph) -> list[int]:
     return sorted(x for x in picks if x in layers) or [seed]
 
 
-def setup_theme(cfg: SteerEvalConfig, suite, lm, atlas, description: str, embed,
+def setup_theme(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, description: str,
+                embed,
                 log: Log = print) -> ThemeSetup:
     """Theme text, seed feature, flow graph, magnitudes and calibrated scorers for a theme."""
     from saeflow.evaluate import calibrate_coherence, calibrate_topic
@@ -148,7 +156,7 @@ def make_judge(cfg: SteerEvalConfig, theme: str):
     return lambda text: judge(url, model, theme, text, key)
 
 
-def run_steer_eval(cfg: SteerEvalConfig, suite, lm, atlas, embed=None,
+def run_steer_eval(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, embed=None,
                    log: Log = print) -> SteerEvalResult:
     """Run (or resume) the sweep of every theme; write per-theme ``results.json`` and
     ``scores.png``, and ``summary.csv``, ``summary.json`` and ``overview.png`` in ``out``."""

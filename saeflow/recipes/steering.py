@@ -12,11 +12,19 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD, FlowGraph
 from saeflow.recipes import Log
 from saeflow.sites import Feature
 from saeflow.steer import ACTIONS, MAGNITUDES, SCHEDULES
+
+if TYPE_CHECKING:
+    from saeflow.atlas import Atlas
+    from saeflow.models import LM
+    from saeflow.steer import SteeringPlan
+    from saeflow.suite import Suite
+
 
 PLAN_MODES = ("cumulative", "single", "features")
 
@@ -79,7 +87,7 @@ def magnitude_texts(source: str, n: int = 32, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(texts, min(n, len(texts)))
 
 
-def trace_graph(opts: PlanOptions, atlas, seed: Feature, log: Log = print) -> FlowGraph:
+def trace_graph(opts: PlanOptions, atlas: Atlas, seed: Feature, log: Log = print) -> FlowGraph:
     """The flow graph of ``seed`` under the options' thresholds, with a hint when it is tiny."""
     from saeflow.flow import trace
     graph = trace(atlas, seed, res_threshold=opts.res_threshold,
@@ -93,7 +101,8 @@ def trace_graph(opts: PlanOptions, atlas, seed: Feature, log: Log = print) -> Fl
     return graph
 
 
-def theme_seed(opts: PlanOptions, suite, lm, description: str, atlas=None, log: Log = print):
+def theme_seed(opts: PlanOptions, suite: Suite, lm: LM, description: str,
+               atlas: Atlas | None = None, log: Log = print):
     """``(theme, ranked)``: the theme's text and its top features, printed."""
     from saeflow.themes import build_theme, rank_features
     theme = build_theme(description, read_examples(opts.examples), source=opts.source)
@@ -105,9 +114,9 @@ def theme_seed(opts: PlanOptions, suite, lm, description: str, atlas=None, log: 
     return theme, ranked
 
 
-def build_plan(opts: PlanOptions, suite, lm, *, features: Sequence[str] = (),
+def build_plan(opts: PlanOptions, suite: Suite, lm: LM, *, features: Sequence[str] = (),
                theme: str | None = None, plan_file: str | None = None,
-               graph_file: str | None = None, log: Log = print):
+               graph_file: str | None = None, log: Log = print) -> SteeringPlan:
     """The plan of a plan file, a flow-graph file, a theme or the listed features."""
     import json
 
@@ -141,7 +150,8 @@ def build_plan(opts: PlanOptions, suite, lm, *, features: Sequence[str] = (),
                            action=opts.action, magnitudes=mags)
 
 
-def steer_pairs(lm, suite, prompts: Sequence[str], plan, gen: GenerationOptions):
+def steer_pairs(lm: LM, suite: Suite, prompts: Sequence[str], plan: SteeringPlan,
+                gen: GenerationOptions):
     """``[(unsteered, steered)]`` generations per prompt and sample, with the same seed."""
     from saeflow.steer import generate
     def run(p, s):
