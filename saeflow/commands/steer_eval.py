@@ -27,11 +27,12 @@ def add(subparsers) -> None:
     p.add_argument("--feature", default=d.feature,
                    help="seed feature to use instead of the theme's top feature (one theme only)")
     p.add_argument("--out", default=d.out, help="output folder (default ./%(default)s)")
-    p.add_argument("--modes", default=",".join(d.modes))
+    p.add_argument("--modes", default=",".join(d.modes), help="comma list (default %(default)s)")
     p.add_argument("--layers", default="auto",
                    help="comma-separated layers, or auto: the seed's layer and the midpoints "
                         "towards the flow graph's first and last layers")
-    p.add_argument("--coefficients", default=joined(d.coefficients))
+    p.add_argument("--coefficients", default=joined(d.coefficients),
+                   help="steering coefficients, comma-separated (default %(default)s)")
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt (repeatable; default: {', '.join(map(repr, d.prompts))})")
     p.add_argument("--seeds", default=joined(d.seeds),
