@@ -10,7 +10,8 @@ biases and thresholds that matter), saves it in that library's own way under ``R
 loads it back with the library's own loader and writes what the library computes from the files
 to ``ROOT/<env>/<case>.safetensors`` (``feats``, ``recon``). Files written by sae-lens 5 are read
 by sae-lens 6 as well. A case the library cannot read is recorded in ``ROOT/<env>/errors.json``
-with its error, for the test to judge. No saeflow import here: only torch, safetensors and the peers.
+with its error, for the test to judge. No saeflow import here: only torch, safetensors and the
+peers.
 """
 
 from __future__ import annotations

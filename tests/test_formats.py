@@ -515,5 +515,6 @@ def test_suite_json_sites_must_all_be_there(tmp_path):
     write_json(suite / "suite.json", {**info, "sites": ["0/res", "1/res", "2/res"]})
     (suite / "0-res" / "cfg.json").unlink()
     with pytest.raises(SAEFileError, match=r"lists site 0/res, but .*0-res: an incomplete SAE "
-                                           r"folder: it has sae_weights.safetensors but no cfg.json"):
+                                           r"folder: it has sae_weights.safetensors but no "
+                                           r"cfg.json"):
         read_suite(suite)

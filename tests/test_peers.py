@@ -90,7 +90,8 @@ def write_llamascope(root: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def peers(tmp_path_factory):
-    missing = [str(p.relative_to(REPO)) for p in ENVS.values() if not (p / "bin" / "python").exists()]
+    missing = [str(p.relative_to(REPO)) for p in ENVS.values()
+               if not (p / "bin" / "python").exists()]
     if missing:
         why = (f"peer environment(s) {', '.join(missing)} missing: `bash scripts/setup.sh --test` "
                "creates them")

@@ -43,6 +43,7 @@ from saeflow.sites import Site, site_from_hook_name
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 _ARCH = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}
+_ARCH_NAME = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
 _NORMS = {"layer_norm": "layer_norm", "constant_norm_rescale": "constant_norm"}
 
 
@@ -226,11 +227,11 @@ def save_saelens(sae: SAE, folder: str | Path, model_name: str = "", extra: dict
     folder = Path(folder)
     apply_b = sae.apply_b_dec_to_input and sae.input_scale * sae.output_scale == 1.0
     cfg = {
-        "architecture": {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}[sae.activation],
+        "architecture": _ARCH_NAME[sae.activation],
         "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": dtype, "device": "cpu",
         "apply_b_dec_to_input": apply_b,
-        "normalize_activations": {"layer_norm": "layer_norm", "constant_norm": "constant_norm_rescale",
-                                  "none": "none"}[sae.input_norm],
+        "normalize_activations": {"layer_norm": "layer_norm", "none": "none",
+                                  "constant_norm": "constant_norm_rescale"}[sae.input_norm],
         "reshape_activations": "hook_z" if sae.site.kind == "att_z" else "none",
         # sae_lens_version marks the v6 layout: without it SAELens rebuilds the metadata from
         # top-level keys (pre-6 files) and drops hook_name.
