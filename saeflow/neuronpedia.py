@@ -69,7 +69,7 @@ def _influence(graph: FlowGraph) -> dict[Feature, float]:
     total, cum, out = sum(weights), 0.0, {}
     for n, w in zip(ranked, weights):
         cum += w
-        out[n.feature] = cum / total
+        out[n.feature] = min(cum / total, 1.0)
     return out
 
 

@@ -16,6 +16,15 @@ PY=${PYTHON:-python3}
 # nnsight (a dictionary-learning dependency) pulls a torchvision built for another torch, which
 # breaks `import transformers`; nothing the tests run needs torchvision.
 .venv-peers/bin/pip --disable-pip-version-check -q uninstall -y torchvision 2>/dev/null || true
+# circuit-tracer's frontend files (its Python dependencies are not needed), and the npm
+# packages its data code runs on, for the frontend check in tests/test_neuronpedia.py.
+.venv-peers/bin/pip --disable-pip-version-check -q install --no-deps "circuit-tracer==0.5.0"
+if command -v npm >/dev/null 2>&1; then
+  npm install --silent --no-audit --no-fund --prefix .venv-peers/js d3@7.9.2 d3-collection@1.0.7 \
+    d3-jetpack@2.1.0
+else
+  echo "setup: npm is missing; the circuit-tracer frontend check will be skipped" >&2
+fi
 # pyarrow 21+ needs numpy 2, which sae-lens 5 does not allow.
 .venv-peers5/bin/pip --disable-pip-version-check -q install "torch==2.13.0" "sae-lens==5.11.0" \
   "pyarrow<21"

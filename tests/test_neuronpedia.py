@@ -215,3 +215,53 @@ def test_cli_writes_the_folder_with_neuronpedia_labels_and_links(setup, tmp_path
                         str(seed), "--format", "dot", "--explanations",
                         str(tmp_path / "exports")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "the planted seed concept" in r.stdout
+
+
+# ---- circuit-tracer's own frontend code on the export -------------------------------------
+ASSETS = next((REPO / ".venv-peers" / "lib").glob("python3*/site-packages/circuit_tracer/"
+                                                  "frontend/assets"), None)
+NODE_MODULES = REPO / ".venv-peers" / "js" / "node_modules"
+
+
+def deep_graph():
+    """A flow graph down 30 layers (SmolLM2's depth), with mlp and att writers on the way."""
+    from saeflow.flow import FlowEdge, FlowGraph, FlowNode
+    nodes, edges = [], []
+    for layer in range(30):
+        f = Feature(Site(layer, "res"), 7)
+        nodes.append(FlowNode(f, "translated", f"token {layer}", 0.9))
+        if layer:
+            edges.append(FlowEdge(Feature(Site(layer - 1, "res"), 7), f, 0.9))
+        if layer % 5 == 0:  # same index at all three sites of a layer: codes must still differ
+            for kind in ("mlp", "att"):
+                nodes.append(FlowNode(Feature(Site(layer, kind), 7), None, kind, 0.3))
+                edges.append(FlowEdge(Feature(Site(layer, kind), 7), f, 0.3))
+    return FlowGraph(Feature(Site(29, "res"), 7), nodes, edges, {"model": "smollm2"})
+
+
+def test_circuit_tracer_frontend_rows_titles_and_features(tmp_path):
+    import shutil
+    missing = [what for what, ok in (("node", shutil.which("node")), ("circuit-tracer's frontend "
+               "in .venv-peers", ASSETS), ("npm packages in .venv-peers/js",
+               (NODE_MODULES / "d3-jetpack").is_dir())) if not ok]
+    if missing:
+        why = f"{', '.join(missing)} missing: bash scripts/setup.sh --test installs them"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    g = deep_graph()
+    graph_file = write_graph_folder(g, tmp_path / "ct")
+    r = subprocess.run(["node", str(REPO / "tests" / "circuit_tracer_frontend.js"), str(ASSETS),
+                        str(NODE_MODULES), str(graph_file)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["deleted"] == 0 and out["features"] == len(out["nodes"]) == len(g.nodes) + 4
+    rows = [n["streamIdx"] for n in out["nodes"]]
+    assert all(0 <= row < out["yNumTicks"] for row in rows)  # every layer has a row
+    assert out["yNumTicks"] == 1 + 30 + 1  # the embedding row, 30 layers, the logit row
+    titles = {n["nodeId"]: n["title"] for n in out["nodes"]}
+    for n in g.nodes:
+        f = n.feature
+        assert titles[f"{f.layer}_{f.index}_{COLUMNS[f.kind]}"] == f"L{f.layer}/{f.index}"
+    assert out["links"] == len(g.edges)
