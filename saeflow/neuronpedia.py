@@ -19,7 +19,12 @@ and never run through a third node) and the layer as the row. Choices the format
     served folder (``features/<feature>.json``) instead of the internet.
 ``write_graph_folder`` writes what circuit-tracer's local server serves as its data folder:
 ``<slug>.json``, ``graph-metadata.json`` (the index; other graphs' entries are kept) and
-``features/<feature>.json`` for every feature node.
+``features/<feature>.json`` for every feature node. To look at it::
+
+    saeflow graph ATLAS 12/res/4111 --format neuronpedia --out graphs/
+    pip install --no-deps circuit-tracer==0.5.0   # its frontend and server: standard library
+    python -c "from circuit_tracer.frontend.local_server import serve; serve('graphs'); input()"
+    # open http://localhost:8032/index.html (the page loads d3 from the internet); Enter stops
 
 Labels (``read_explanations``, ``NeuronpediaIds``). Neuronpedia's explanation exports live at
 ``v1/{modelId}/{source}/explanations/batch-N.jsonl.gz`` (one JSON row per line with ``index``,
