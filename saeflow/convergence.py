@@ -145,3 +145,18 @@ def plot(rep: dict, path, title: str = "") -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
+
+
+def for_suite(suite) -> dict:
+    """``report`` for a suite, with the second-seed replicas a trained suite keeps in its
+    ``seeds/`` folder (``saeflow.train``) when there are any."""
+    from saeflow.formats import load_sae
+    seeds = {}
+    folder = suite.root / "seeds" if suite.root is not None else None
+    if folder is not None and folder.is_dir():
+        for sub in sorted(folder.iterdir()):
+            if (sub / "cfg.json").exists():
+                sae = load_sae(sub)
+                if sae.site in suite:
+                    seeds[sae.site] = sae
+    return report(suite, seeds)

@@ -11,7 +11,9 @@ def add(subparsers) -> None:
     p = subparsers.add_parser(
         "quality", help="evaluate every SAE of a suite on held-out text",
         description="Per SAE on held-out text: FVU, L0, dead fraction and LM loss recovered "
-                    "(ablation: zeros for mlp/att, the mean residual for res). Prints a table; "
+                    "(ablation: zeros for mlp/att, the mean residual for res), and the "
+                    "convergence diagnostics from the weights (rows' cosine to their init, "
+                    "cross-seed stability, adjacent-layer matching). Prints a table; "
                     "for a suite folder also updates suite.json, quality.csv and quality.png.")
     add_model_args(p)
     p.set_defaults(dtype="bfloat16", func=run)
@@ -32,7 +34,7 @@ def add(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saeflow import quality
+    from saeflow import convergence, quality
     from saeflow.catalog import load_suite
     from saeflow.recipes.quality import quality_sites, store_quality
     suite = load_suite(args.suite, model=args.model)
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"suite {suite.name!r} has no stored quality table; run without "
                              "--cached to compute it")
         print(quality.format_table(rows))
+        if suite.info.get("convergence"):
+            print(convergence.format_report(suite.info["convergence"]))
         return 0
     lm = suite.load_model(device=args.device, dtype=args.dtype)
     sites = quality_sites(suite, args.sites, lm.n_layers)
@@ -50,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
                             res_ablation=args.res_ablation, workers=args.workers,
                             progress=not args.quiet)
     print(quality.format_table(rows))
+    if not args.sites:
+        print(convergence.format_report(convergence.for_suite(suite)))
     settings = {"tokens": args.tokens, "loss_tokens": args.loss_tokens, "source": args.source,
                 "res_ablation": args.res_ablation, "model_dtype": args.dtype}
     saved = None if args.no_save else store_quality(
