@@ -77,8 +77,12 @@ def recording(lm: LM, sites: Iterable[Site | str], detach: bool = True):
         yield store
 
 
+Edits = (Mapping[Site, EditFn | list[EditFn]] | Mapping[str, EditFn | list[EditFn]]
+         | Mapping[Site | str, EditFn | list[EditFn]])  # site -> fn or fns (keys: Site or str)
+
+
 @contextmanager
-def editing(lm: LM, edits: Mapping[Site | str, EditFn | list[EditFn]]):
+def editing(lm: LM, edits: Edits):
     """Replace the hidden state at each site by ``fn(h)`` (several fns apply in order)."""
     pairs = []
     for site, fns in edits.items():
