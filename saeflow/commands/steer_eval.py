@@ -1,7 +1,7 @@
 """``saeflow steer-eval SUITE --theme weddings --theme sports ...``: sweep steering modes, layers
 and coefficients for each theme against an unsteered and a prompting baseline; print and save a
 table (CSV/JSON), plots (PNG), and a comparison of single-layer vs cumulative steering on
-held-out samples. Re-running the same command resumes where it stopped."""
+held-out prompts and seeds. Re-running the same command resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -38,8 +38,17 @@ def add(subparsers) -> None:
     p.add_argument("--seeds", default=joined(d.seeds),
                    help="sampling seeds (comma-separated; default %(default)s)")
     p.add_argument("--samples", type=int, default=d.samples,
-                   help="continuations per prompt and seed (%(default)s); the first of each picks "
-                        "a mode's best cell, the second scores it (held out)")
+                   help="continuations per prompt and seed (%(default)s)")
+    p.add_argument("--report-prompt", action="append", default=None,
+                   help="held-out prompt the best cells are reported on (repeatable; default: "
+                        f"{', '.join(map(repr, d.report_prompts))}); never a --prompt")
+    p.add_argument("--report-seeds", default=None,
+                   help="held-out sampling seeds (default: as many as --seeds, after them)")
+    p.add_argument("--no-equal-norm", action="store_true",
+                   help="skip the cumulative cells rescaled to single-layer's added norm")
+    p.add_argument("--judge-sample", type=int, default=d.judge_sample,
+                   help="held-out generations the judge rates to validate the automatic scores "
+                        "(%(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--top-p", type=float, default=d.top_p)
@@ -65,7 +74,11 @@ def config(args) -> SteerEvalConfig:
         modes=tuple(args.modes.split(",")),
         coefficients=numbers(args.coefficients, "--coefficients"),
         prompts=tuple(args.prompt) if args.prompt else SteerEvalConfig.prompts,
-        seeds=numbers(args.seeds, "--seeds", int), plan=from_args(PlanOptions, args))
+        seeds=numbers(args.seeds, "--seeds", int), plan=from_args(PlanOptions, args),
+        report_prompts=tuple(args.report_prompt) if args.report_prompt
+        else SteerEvalConfig.report_prompts,
+        report_seeds=numbers(args.report_seeds, "--report-seeds", int) if args.report_seeds
+        else None, equal_norm=not args.no_equal_norm)
 
 
 def run(args) -> int:

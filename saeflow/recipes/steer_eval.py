@@ -1,12 +1,14 @@
 """The steering evaluation over themes (``saeflow steer-eval``; the sweep and the scores are
 ``saeflow.evaluate``).
 
-For each theme: its text and top feature (``saeflow.themes``), the seed's flow graph, magnitudes
-and calibrated scorers (``setup_theme`` -> ``ThemeSetup``), then a resumable sweep of modes,
-layers and coefficients against unsteered and prompting baselines, and the comparison of each
-mode's best cell on held-out samples. ``run_steer_eval`` returns a ``SteerEvalResult`` and writes
-per-theme ``results.json`` + ``scores.png`` and ``summary.csv``, ``summary.json``,
-``overview.png``.
+For each theme: its text, split in two disjoint halves (``saeflow.themes.split_theme``): the
+seed feature is chosen on one (``rank_features``, with the evidence of its specificity and
+relevance kept), the topic scorer is calibrated on the other. Then the seed's flow graph,
+magnitudes and calibrated scorers (``setup_theme`` -> ``ThemeSetup``), a resumable sweep of
+modes, layers and coefficients against unsteered and prompting baselines on the selection
+prompts and seeds, and each mode's best cell again on the held-out report prompts and seeds
+(``saeflow.evaluate``). ``run_steer_eval`` returns a ``SteerEvalResult`` and writes per-theme
+``results.json`` + ``scores.png`` and ``summary.csv``, ``summary.json``, ``overview.png``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ class SteerEvalConfig:
     prompts: tuple[str, ...] = _sweep("prompts")
     seeds: tuple[int, ...] = _sweep("seeds")
     samples: int = _sweep("samples")
+    report_prompts: tuple[str, ...] = _sweep("report_prompts")
+    report_seeds: tuple[int, ...] | None = _sweep("report_seeds")
+    equal_norm: bool = _sweep("equal_norm")
+    judge_sample: int = _sweep("judge_sample")
+    n_theme: int = 32  # theme paragraphs retrieved (half choose the seed, half calibrate topic)
+    n_background: int = 96
     max_new_tokens: int = _sweep("max_new_tokens")
     temperature: float = _sweep("temperature")
     top_p: float = _sweep("top_p")
@@ -70,6 +78,8 @@ class SteerEvalConfig:
         p = self.plan
         return SweepConfig(modes=self.modes, layers=tuple(layers), coefficients=self.coefficients,
                            prompts=self.prompts, seeds=self.seeds, samples=self.samples,
+                           report_prompts=self.report_prompts, report_seeds=self.report_seeds,
+                           equal_norm=self.equal_norm, judge_sample=self.judge_sample,
                            max_new_tokens=self.max_new_tokens, schedule=p.schedule,
                            alpha=p.alpha, end_coefficient=p.end_coefficient, action=p.action,
                            temperature=self.temperature, top_p=self.top_p,
@@ -90,8 +100,9 @@ class ThemeRun(NamedTuple):
     theme: str
     folder: Path  # results.json and scores.png
     setup: ThemeSetup
-    results: list  # evaluate.CellResult, sweep order
+    results: list  # evaluate.CellResult of stage 1 (selection prompts and seeds), sweep order
     comparison: dict  # evaluate.compare_modes
+    heldout: list = []  # evaluate.CellResult of stage 2 (report prompts and seeds)
 
 
 class SteerEvalResult(NamedTuple):
@@ -119,30 +130,43 @@ def setup_theme(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, descri
     """Theme text, seed feature, flow graph, magnitudes and calibrated scorers for a theme."""
     from saeflow.evaluate import calibrate_coherence, calibrate_topic
     from saeflow.steer import feature_magnitudes, graph_features
-    from saeflow.themes import build_theme, rank_features
+    from saeflow.themes import build_theme, rank_features, split_theme
     opts = cfg.plan
     theme = build_theme(description, read_examples(opts.examples), source=opts.source,
-                        embed=embed)
-    ranked = rank_features(lm, suite, theme, site=opts.site, top=5, atlas=atlas)
+                        n_theme=cfg.n_theme, n_background=cfg.n_background, embed=embed)
+    seed_half, topic_half = split_theme(theme)
+    ranked = rank_features(lm, suite, seed_half, site=opts.site, top=5, atlas=atlas, embed=embed)
     seed = Feature.parse(cfg.feature) if cfg.feature else ranked[0].feature
+    log(f"seed candidates ({len(seed_half.texts)} theme vs {len(seed_half.background)} "
+        "background paragraphs; topic is calibrated on the other half):")
+    for r in ranked:
+        log(f"  {r.feature}  score {r.seed_score:6.2f}  t {r.score:6.2f}  specificity "
+            f"{r.specificity:.2f}  relevance {r.relevance:.2f}  fires on "
+            f"{', '.join(r.fires_on)}")
     graph = trace_graph(opts, atlas, seed, log)
     feats = graph_features(graph)
-    mags = (feature_magnitudes(lm, suite, feats, opts.magnitude, theme.background[:32])
+    mags = (feature_magnitudes(lm, suite, feats, opts.magnitude, seed_half.background[:32])
             if opts.action == "activate" else None)
-    topic = calibrate_topic(theme.texts, theme.background, embed)
-    coherence = calibrate_coherence(lm, theme.background[:48], cfg.max_new_tokens)
+    topic = calibrate_topic(topic_half.texts, topic_half.background, embed,
+                            description=description)
+    coherence = calibrate_coherence(lm, topic_half.background, cfg.max_new_tokens)
     layers = auto_layers(graph) if cfg.layers is None else list(cfg.layers)
     have = sorted({f.layer for f in feats})
     if any(layer not in have for layer in layers):
         raise ValueError(f"--layers {','.join(map(str, layers))}: the flow graph of {seed} "
                          f"({description}) has features only at layers {have}")
     info = {"seed": str(seed), "seed_label": atlas.label(seed),
-            "ranked": [{"feature": str(r.feature), "t": r.score, "top_token": r.top_token}
-                       for r in ranked],
+            "ranked": [r.evidence() for r in ranked],
+            "seed_evidence": next((r.evidence() for r in ranked if r.feature == seed), None),
+            "theme_split": {"seed_texts": len(seed_half.texts),
+                            "seed_background": len(seed_half.background),
+                            "topic_texts": len(topic_half.texts),
+                            "topic_background": len(topic_half.background)},
             "graph_features": [str(f) for f in feats],
             "graph_layers": sorted({f.layer for f in feats}),
             "magnitude": opts.magnitude, "topic": topic.info(), "coherence": coherence.info(),
-            "theme_texts": [t[:100] for t in theme.texts[:8]]}
+            "theme_texts": [t[:100] for t in seed_half.texts[:8]],
+            "topic_texts": [t[:100] for t in topic_half.texts[:8]]}
     return ThemeSetup(graph, mags, topic, coherence, layers, info)
 
 
@@ -161,7 +185,7 @@ def run_steer_eval(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, emb
     """Run (or resume) the sweep of every theme; write per-theme ``results.json`` and
     ``scores.png``, and ``summary.csv``, ``summary.json`` and ``overview.png`` in ``out``."""
     from saeflow import plots
-    from saeflow.evaluate import compare_modes, run_sweep
+    from saeflow.evaluate import compare_modes, run_heldout, run_sweep
     from saeflow.io import write_json_atomic
     from saeflow.themes import sentence_embedder
     out = Path(cfg.out)
@@ -173,15 +197,19 @@ def run_steer_eval(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, emb
         log(f"seed {setup.info['seed']} ({setup.info['seed_label']}); sweeping layers "
             f"{setup.layers}")
         folder = out / slug(description)
-        results = run_sweep(lm, suite, description, setup.graph, cfg.sweep(setup.layers),
-                            folder / "results.json", setup.topic, setup.coherence,
-                            setup.magnitudes, setup.info, make_judge(cfg, description),
+        sweep = cfg.sweep(setup.layers)
+        results = run_sweep(lm, suite, description, setup.graph, sweep, folder / "results.json",
+                            setup.topic, setup.coherence, setup.magnitudes, setup.info,
                             rescore=cfg.rescore)
+        heldout = run_heldout(lm, suite, description, setup.graph, sweep,
+                              folder / "results.json", setup.topic, setup.coherence,
+                              setup.magnitudes, make_judge(cfg, description))
         unit = MAGNITUDE_UNITS[cfg.plan.magnitude]
         plots.steering_scores(folder / "scores.png", description, results,
                               "r" if cfg.plan.action == "suppress" else "coefficient" + unit)
-        rows += [r.row() for r in results]
-        runs.append(ThemeRun(description, folder, setup, results, compare_modes(results)))
+        rows += [r.row() for r in results + heldout]
+        runs.append(ThemeRun(description, folder, setup, results,
+                             compare_modes(results, heldout), heldout))
     result = SteerEvalResult(out, runs, rows)
     write_csv(out / "summary.csv", rows)
     write_json_atomic(out / "summary.json", {"rows": rows, "comparison": result.comparison})
@@ -202,26 +230,46 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    """Every cell of the evaluation as a text table."""
-    lines = [f"{'theme':<12} {'cell':<22} {'n':>3} {'topic':>6} {'coher':>6} {'score':>6} "
-             f"{'+-':>5} {'nll':>5} {'gain':>5} {'rep':>5}"]
+    """Every cell of the evaluation as a text table (stage: sel = selection, rep = report)."""
+    lines = [f"{'theme':<12} {'stage':<5} {'cell':<26} {'n':>3} {'norm':>7} {'topic':>6} "
+             f"{'coher':>6} {'score':>6} {'+-':>5} {'nll':>5} {'gain':>5} {'rep':>5}"]
     for r in rows:
-        lines.append(f"{r['theme'][:12]:<12} {r['cell']:<22} {r['n']:>3} {r['topic']:6.3f} "
+        norm = "-" if r.get("added_norm") is None else f"{r['added_norm']:7.1f}"
+        lines.append(f"{r['theme'][:12]:<12} {r.get('stage', 'selection')[:3]:<5} "
+                     f"{r['cell']:<26} {r['n']:>3} {norm:>7} {r['topic']:6.3f} "
                      f"{r['coherence']:6.3f} {r['score']:6.3f} {r['score_se']:5.3f} "
                      f"{r['nll']:5.2f} {r['gain']:5.2f} {r['repetition']:5.2f}")
     return "\n".join(lines)
 
 
+def _pm(x: float | None, se: float | None) -> str:
+    if x is None or x != x:
+        return "-"
+    return f"{x:.3f}" + ("" if se is None or se != se else f" ± {se:.3f}")
+
+
 def format_comparison(comparison: dict) -> str:
-    """Held-out scores of the baselines and each mode's best cell, per theme."""
-    lines = ["score on held-out samples (best cell per mode chosen on the other samples)",
-             f"{'theme':<12} {'unsteered':>9} {'prompting':>9} {'single':>22} "
-             f"{'cumulative':>22} {'grid mean s/c':>14}"]
+    """Per theme: the held-out score (report prompts and seeds) of the baselines and of each
+    mode's best cell (chosen on the selection prompts and seeds), its paired difference against
+    unsteered, and the equal-norm comparison of cumulative against single over the grid."""
+    lines = ["held-out score ± SE (best cell per mode chosen on other prompts and seeds); "
+             "[paired difference against unsteered ± SE]"]
     for theme, c in comparison.items():
-        def best(m):
-            return f"{c[m]['heldout']:.3f} ({c[m]['cell']})" if m in c else "-"
-        grid = "/".join(f"{c[m]['grid_mean']:.3f}" for m in ("single", "cumulative") if m in c)
-        lines.append(f"{theme[:12]:<12} {c['unsteered']['heldout']:9.3f} "
-                     f"{c['prompting']['heldout']:9.3f} {best('single'):>22} "
-                     f"{best('cumulative'):>22} {grid:>14}")
+        lines.append(f"{theme}:")
+        for m in ("unsteered", "prompting", "single", "cumulative", "cumulative_norm"):
+            if m not in c:
+                continue
+            x = c[m]
+            diff = "" if m == "unsteered" else f"  [{_pm(x['vs_unsteered'], x['vs_unsteered_se'])}]"
+            norm = "" if x.get("added_norm") is None else f", added norm {x['added_norm']:.1f}"
+            cell = "" if m in ("unsteered", "prompting") else f" ({x['cell']}{norm})"
+            lines.append(f"  {m:<16} {_pm(x['heldout'], x['heldout_se']):>16}{diff}{cell}")
+        if "cumulative_vs_single" in c:
+            d = c["cumulative_vs_single"]
+            lines.append(f"  cumulative - single, paired on held-out: {_pm(d['diff'], d['se'])}")
+        if "equal_norm" in c:
+            e = c["equal_norm"]
+            lines.append(f"  cumulative - single at equal added norm, over the grid "
+                         f"({len(e['cells'])} cells, {e['n']} paired generations): "
+                         f"{_pm(e['diff'], e['diff_se'])}")
     return "\n".join(lines)

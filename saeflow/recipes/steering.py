@@ -104,13 +104,23 @@ def trace_graph(opts: PlanOptions, atlas: Atlas, seed: Feature, log: Log = print
 def theme_seed(opts: PlanOptions, suite: Suite, lm: LM, description: str,
                atlas: Atlas | None = None, log: Log = print):
     """``(theme, ranked)``: the theme's text and its top features, printed."""
-    from saeflow.themes import build_theme, rank_features
-    theme = build_theme(description, read_examples(opts.examples), source=opts.source)
-    ranked = rank_features(lm, suite, theme, site=opts.site, top=5, atlas=atlas)
-    log(f"theme {description!r}: top features at {ranked[0].feature.site}")
+    from saeflow.themes import build_theme, rank_features, sentence_embedder
+    examples = read_examples(opts.examples)
+    try:  # retrieval needs the embedder; with examples it only adds the relevance evidence
+        embed = sentence_embedder()
+    except FileNotFoundError:
+        if not examples:
+            raise
+        embed = None
+    theme = build_theme(description, examples, source=opts.source, embed=embed)
+    ranked = rank_features(lm, suite, theme, site=opts.site, top=5, atlas=atlas, embed=embed)
+    log(f"theme {description!r}: top features at {ranked[0].feature.site} (seed score = t x "
+        "specificity excess x relevance)")
     for r in ranked:
-        log(f"  {r.feature}  t={r.score:6.2f}  fires on {r.theme_frac:.0%} of theme texts "
-            f"vs {r.background_frac:.0%}  top token {r.top_token!r}  {r.label}")
+        log(f"  {r.feature}  score={r.seed_score:6.2f}  t={r.score:6.2f}  specificity "
+            f"{r.specificity:.2f}  relevance {r.relevance:.2f}  fires on {r.theme_frac:.0%} of "
+            f"theme texts vs {r.background_frac:.0%}, most on {', '.join(r.fires_on)!r}  "
+            f"{r.label}")
     return theme, ranked
 
 
