@@ -17,8 +17,10 @@ numbers:
     deactivation success reaches a chosen level. Choices: success is fitted as a
     non-decreasing function of the cosine (isotonic regression, pool-adjacent-violators, no
     parametric form); the threshold is the lowest cosine whose fitted success reaches the
-    level; a (layer, kind) whose fit never reaches it gets an infinite threshold (nothing
-    there is high), one with fewer than ``min_pairs`` pairs is left to the null rule.
+    level, provided at least ``min_support`` (20) pairs lie at or above it (otherwise a few
+    lucky pairs at the top would set it); a (layer, kind) that does not reach the level so gets
+    an infinite threshold (nothing there is high), one with fewer than ``min_pairs`` (30)
+    pairs is left to the null rule.
 ``LineageMixin`` gives ``Atlas`` these methods (reclassification never recomputes matches).
 """
 
@@ -109,7 +111,7 @@ def _pair_rows(deactivation) -> tuple[list[dict], str]:
 
 
 def calibrate(deactivation, level: float = 0.5, *, strategy: str = "top1", r: float = 0.0,
-              min_pairs: int = 30) -> Calibration:
+              min_pairs: int = 30, min_support: int = 20) -> Calibration:
     """The calibrated rule (module docstring) from a deactivation result: a
     ``DeactivationResult``, its pairs, or the folder / ``pairs.csv`` the command wrote."""
     if not 0.0 < level <= 1.0:
@@ -132,8 +134,9 @@ def calibrate(deactivation, level: float = 0.5, *, strategy: str = "top1", r: fl
             continue
         pts.sort()
         fit = isotonic_fit(np.array([s for _, s in pts]))
-        hit = np.flatnonzero(fit >= level - 1e-12)
-        th.setdefault(layer, {})[kind] = float(pts[hit[0]][0]) if len(hit) else math.inf
+        hit = np.flatnonzero(fit >= level - 1e-12)  # an upper run: the fit is monotone
+        ok = len(hit) and len(pts) - hit[0] >= min_support
+        th.setdefault(layer, {})[kind] = float(pts[hit[0]][0]) if ok else math.inf
     return Calibration(level, th, counts, strategy, r, source)
 
 

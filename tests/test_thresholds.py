@@ -57,6 +57,11 @@ def test_calibration_finds_the_planted_cosine(tmp_path):
     assert 1 not in cal.thresholds and cal.pairs[1]["att"] == 5  # too few pairs: null rule
     assert cal.pairs[2]["res"] == 400  # top5 rows were not counted
     assert Calibration.from_json(json.loads(json.dumps(cal.to_json()))) == cal
+    # a few lucky pairs at the top do not set a threshold
+    lucky = [p._replace(success=p.cos > 0.93) for p in planted_pairs()
+             if p.kind == "mlp" and not p.success]
+    assert math.isinf(calibrate(lucky).thresholds[2]["mlp"])
+    assert calibrate(lucky, min_support=1).thresholds[2]["mlp"] > 0.93
     # the same from the pairs.csv that `saeflow deactivate` writes
     path = tmp_path / "deact" / "pairs.csv"
     path.parent.mkdir()
