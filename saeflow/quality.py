@@ -36,16 +36,15 @@ from saeflow.io import write_bytes
 from saeflow.hooks import SiteTaps
 from saeflow.sae import SAE
 from saeflow.sites import Site
+from saeflow.tokens import usable_tokens
 
 _BLOCK_ORDER = {"att_z": 0, "att": 1, "mlp": 2, "res": 3}
 
 
 def keep_mask(h_BTD: Tensor, outlier_factor: float) -> Tensor:
-    """Tokens to evaluate: position >= 1 and norm <= factor x median norm of the batch."""
-    norms = h_BTD.float().norm(dim=-1)
-    keep = torch.ones_like(norms, dtype=torch.bool)
-    keep[:, 0] = False
-    return keep & (norms <= outlier_factor * norms[:, 1:].median())
+    """Tokens to evaluate: the shared rule of ``saeflow.tokens`` (position >= 1, norm <= factor
+    x the batch's median norm)."""
+    return usable_tokens(h_BTD, factor=outlier_factor)
 
 
 @dataclass(frozen=True)

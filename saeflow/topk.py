@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saeflow.tokens import norm_limit, usable_tokens
+
 
 class TopKParams(NamedTuple):
     W_enc_FD: Tensor  # encoder, one latent per row (the transpose of SAE.W_enc)
@@ -302,11 +304,10 @@ class TopKTrainer:
     def rows(self, h_BTD: Tensor) -> Tensor:
         """Raw training rows of a batch (module docstring); fixes scale and ``b_dec`` on the
         first call."""
-        x = h_BTD[:, 1:].reshape(-1, self.d).to(self.device)
-        norms = x.float().norm(dim=-1)
+        h_BTD = h_BTD.to(self.device)
         if self.max_norm is None:
-            self.max_norm = float(self.outlier_factor * norms.median())
-        x = x[norms <= self.max_norm]
+            self.max_norm = norm_limit(h_BTD, self.outlier_factor)
+        x = h_BTD[usable_tokens(h_BTD, self.max_norm)]  # saeflow.tokens: the shared rule
         if self.scale is None:
             if x.shape[0] == 0:
                 raise ValueError("the first batch has no usable tokens to set the input scale")
