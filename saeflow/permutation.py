@@ -236,7 +236,7 @@ class PermutationStore:
         if path.exists():
             old = json.loads(path.read_text())
             if old != self._settings():
-                print(f"saeflow permute: {self.folder} was computed with other settings; "
+                print(f"saeflow: {self.folder} was computed with other settings; "
                       "recomputing it")
                 shutil.rmtree(self.folder)
         if not path.exists():
