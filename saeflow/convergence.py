@@ -125,12 +125,12 @@ def plot(rep: dict, path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saeflow.io import atomic_path
+    from saeflow.io import save_figure
     rows = rep["adjacent"]
     if not rows:
         return
     L = [r["layer"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=120)
     ax.fill_between(L, [r["p10"] for r in rows], [r["p90"] for r in rows], alpha=0.25,
                     label="10-90% of features")
     ax.plot(L, [r["median"] for r in rows], marker="o", ms=3, label="median")
@@ -142,9 +142,7 @@ def plot(rep: dict, path, title: str = "") -> None:
     ax.legend(fontsize=8)
     ax.set_title(title or "adjacent-layer matching", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def for_suite(suite) -> dict:

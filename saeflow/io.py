@@ -123,3 +123,15 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     import torch
     with atomic_path(path, suffix=".tmp") as tmp:
         torch.save(state, tmp)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it (also when saving fails)."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return path

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saeflow.io import atomic_path
+from saeflow.io import save_figure
 from saeflow.nulls import null_scores, random_rotation  # noqa: F401  (re-exported)
 
 CLASSES = ("translated", "processed_mlp", "processed_att", "processed_both",
@@ -295,13 +295,7 @@ def plot_lineage(per_layer: dict[int, dict[str, float]], path: str | Path,
             if lines:
                 sub.legend(handles=lines, fontsize=7, frameon=True, loc="lower left")
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_fractions(per_layer: dict[int, dict[str, float]], path: str | Path,

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from saeflow.io import atomic_path
+from saeflow.io import save_figure
 from saeflow.permutation import OBJECTIVES, PermutationConfig, PermutationStore, prepared
 from saeflow.prune import HeldoutStates, explained_variance, mapped_estimator
 from saeflow.sites import Site
@@ -342,13 +342,7 @@ def plot_persistence(rows: Sequence[PersistenceRow], path: str | Path, title: st
         ax.legend(fontsize=7)
     fig.suptitle(title or "Feature persistence over depth (dashed: random features)")
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- ablation -----------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saeflow.io import atomic_path, write_json_atomic
+from saeflow.io import atomic_path, save_figure, write_json_atomic
 from saeflow.hooks import recording
 from saeflow.sae import SAE
 from saeflow.sites import Site
@@ -416,10 +416,4 @@ def plot(rows: Sequence[PruneRow], path: str | Path, title: str = "") -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(title or "Layer pruning: block u replaced by an estimate from h_(u-1)")
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
