@@ -67,8 +67,10 @@ class DemoConfig:
             cfg = DeactivationConfig(layers=(2, 3), tokens_per_text=3,
                                      strategies=("top1", "random5", "pearson"), corr_tokens=512)
             return DeactivationRun(cfg, n_texts=4, out=str(out))
-        cfg = DeactivationConfig(layers=(6, 12, 18), tokens_per_text=4,
-                                 strategies=("top1", "top5", "random5", "pearson"))
+        # Pearson on 16k tokens (labelled underpowered; 100k adds minutes on 2 cores)
+        cfg = DeactivationConfig(layers=(6, 12, 18), tokens_per_text=4, corr_tokens=16_384,
+                                 strategies=("top1", "top5", "random5", "random_active",
+                                             "pearson"))
         return DeactivationRun(cfg, n_texts=12, out=str(out))
 
 
