@@ -161,7 +161,7 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
     batches = token_batches(lm.tokenizer, cfg.seq_len, cfg.seqs_per_batch, cfg.source, "train",
                             seed=cfg.seed, repeat=True, start=step)
     shown = _progress_sites(sites)
-    ema: dict[Site, float] = {}
+    ema: dict[str, float] = {}  # per trainer key (second-seed replicas apart)
     taps = SiteTaps(lm, sites)
     tok_per_step = cfg.seqs_per_batch * cfg.seq_len
     spf = cfg.steps_per_forward
@@ -177,14 +177,14 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
     def sae_steps(args):
         key, h, first = args
         with torch.no_grad():
-            s, t = trainers[key]
+            _, t = trainers[key]
             if t.buffer is None:
-                return s, t.step(t.prepare(h), cfg.lr_at(first)).loss
+                return key, t.step(t.prepare(h), cfg.lr_at(first)).loss
             t.add(h)
             loss = 0.0
             for j in range(spf):
                 loss = t.step(t.sample(rows_per_step), cfg.lr_at(first + j)).loss
-            return s, loss
+            return key, loss
 
     def checkpoint():
         save_checkpoint(ckpt, {"settings": _settings(cfg), "sites": [str(s) for s in sites],
@@ -201,8 +201,8 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
             parts = list(pool.map(forward, ids.chunk(min(cfg.workers, ids.shape[0]))))
             acts = {s: torch.cat([p[s] for p in parts]) for s in sites}
             work = [(key, acts[s], step * spf) for key, (s, _) in trainers.items()]
-            for s, loss in pool.map(sae_steps, work):
-                ema[s] = loss if s not in ema else 0.9 * ema[s] + 0.1 * loss
+            for key, loss in pool.map(sae_steps, work):
+                ema[key] = loss if key not in ema else 0.9 * ema[key] + 0.1 * loss
             del acts, parts, work
             step += 1
             elapsed += time.perf_counter() - t0
@@ -211,7 +211,7 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
                 checkpoint()
             bar.update(tok_per_step)
             post = {"loss": f"{sum(ema.values()) / len(ema):.3f}"}
-            post.update({str(s): f"{ema[s]:.3f}" for s in shown})
+            post.update({str(s): f"{ema[str(s)]:.3f}" for s in shown})
             bar.set_postfix(post, refresh=False)
             if on_step is not None:
                 on_step(step)
