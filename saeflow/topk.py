@@ -217,9 +217,9 @@ def init_params(d: int, n_latents: int, generator: torch.Generator) -> TopKParam
 
 class RowBuffer:
     """A bounded shuffle buffer of training rows for one site: new rows overwrite the oldest,
-    minibatches are drawn uniformly (with replacement) from what it holds, so a row is used
-    about ``reuse`` times when each added row is followed by ``reuse / sae_batch`` draws per
-    row. Rows are kept in the dtype they arrive in (the model's, bf16 by default)."""
+    minibatches are drawn uniformly (with replacement) from what it holds. When every ``n`` rows
+    added are followed by ``reuse * n`` draws, a row is drawn about ``reuse`` times while it is
+    held. Rows are kept in the dtype they arrive in (the model's, bf16 by default)."""
 
     def __init__(self, capacity: int, d: int, seed: int = 0):
         if capacity < 1:
