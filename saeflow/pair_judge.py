@@ -11,10 +11,8 @@ endpoint works (``url`` such as http://127.0.0.1:8000/v1; the API key, if any, f
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import urllib.request
 from collections.abc import Callable, Sequence
 
 SCORES = {"SAME": 3.0, "MAYBE": 2.0, "DIFFERENT": 1.0}
@@ -40,19 +38,10 @@ def judge_pair(url: str, model: str, contexts_a: Sequence[str], contexts_b: Sequ
     contexts (it never fired)."""
     if not contexts_a or not contexts_b:
         return float("nan")
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/chat/completions"):
-        endpoint += "/chat/completions"
+    from saeflow.scoring import chat_completion
     text = PROMPT.format(a="\n".join(f"- {c}" for c in contexts_a),
                          b="\n".join(f"- {c}" for c in contexts_b))
-    body = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": text}]}
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(endpoint, json.dumps(body).encode(), headers)
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        reply = json.loads(r.read())["choices"][0]["message"]["content"]
-    return parse_verdict(reply)
+    return parse_verdict(chat_completion(url, model, text, api_key, timeout))
 
 
 def make_pair_judge(url: str | None, model: str | None) -> PairJudge | None:

@@ -273,25 +273,36 @@ JUDGE_PROMPT = ("Rate the text below on two scales from 0 to 5.\n"
                 'Answer with JSON only, like {{"topic": 3, "coherence": 4}}.\n\nText:\n{text}')
 
 
-def judge(url: str, model: str, theme: str, text: str, api_key: str | None = None,
-          timeout: float = 60.0) -> tuple[float, float]:
-    """(topic, coherence) in [0, 1] from an OpenAI-compatible chat endpoint."""
+def chat_endpoint(url: str) -> str:
+    """``url`` with the ``/chat/completions`` path an OpenAI-compatible server answers on."""
     endpoint = url.rstrip("/")
-    if not endpoint.endswith("/chat/completions"):
-        endpoint += "/chat/completions"
-    body = {"model": model, "temperature": 0,
-            "messages": [{"role": "user", "content": JUDGE_PROMPT.format(theme=theme, text=text)}]}
+    return endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
+
+
+def chat_completion(url: str, model: str, text: str, api_key: str | None = None,
+                    timeout: float = 60.0) -> str:
+    """The reply of an OpenAI-compatible chat endpoint (``url``, with or without its
+    ``/chat/completions`` path) to one user message, at temperature 0."""
+    endpoint = chat_endpoint(url)
+    body = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": text}]}
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(endpoint, json.dumps(body).encode(), headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
-        reply = json.loads(r.read())["choices"][0]["message"]["content"]
+        return json.loads(r.read())["choices"][0]["message"]["content"]
+
+
+def judge(url: str, model: str, theme: str, text: str, api_key: str | None = None,
+          timeout: float = 60.0) -> tuple[float, float]:
+    """(topic, coherence) in [0, 1] from an OpenAI-compatible chat endpoint."""
+    reply = chat_completion(url, model, JUDGE_PROMPT.format(theme=theme, text=text), api_key,
+                            timeout)
     m = re.search(r"\{.*?\}", reply, re.S)
     try:
         d = json.loads(m.group(0)) if m else {}
         return (min(5.0, max(0.0, float(d["topic"]))) / 5,
                 min(5.0, max(0.0, float(d["coherence"]))) / 5)
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"judge {model} at {endpoint} gave no topic/coherence JSON: "
+        raise ValueError(f"judge {model} at {chat_endpoint(url)} gave no topic/coherence JSON: "
                          f"{reply[:200]!r}") from None
