@@ -29,6 +29,12 @@ __all__ = ["atomic_dir", "atomic_path", "file_lock", "save_checkpoint", "temp_di
            "write_bytes", "write_json_atomic", "write_text"]
 
 
+def cache_dir() -> Path:
+    """Where saeflow keeps converted models, trained suites and atlases
+    (``$SAEFLOW_CACHE`` or ``~/.cache/saeflow``)."""
+    return Path(os.environ.get("SAEFLOW_CACHE", Path.home() / ".cache" / "saeflow"))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -13,7 +13,6 @@ The per-architecture site table says which module's output (or input) is each si
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,14 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from saeflow.io import atomic_path, temp_dir
+from saeflow.io import atomic_path, cache_dir, temp_dir  # noqa: F401  (cache_dir re-exported)
 from saeflow.sites import Site
-
-
-def cache_dir() -> Path:
-    """Where saeflow keeps converted models, trained suites and atlases
-    (``$SAEFLOW_CACHE`` or ``~/.cache/saeflow``)."""
-    return Path(os.environ.get("SAEFLOW_CACHE", Path.home() / ".cache" / "saeflow"))
 
 
 @dataclass(frozen=True)

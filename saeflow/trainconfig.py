@@ -120,9 +120,8 @@ class Profile:
 
     @property
     def folder(self) -> Path:
-        import os
-        root = Path(os.environ.get("SAEFLOW_CACHE", Path.home() / ".cache" / "saeflow"))
-        return root / "suites" / f"{self.model}-{self.name}"  # saeflow.models.cache_dir()
+        from saeflow.io import cache_dir
+        return cache_dir() / "suites" / f"{self.model}-{self.name}"
 
 
 PROFILES = {p.name: p for p in (
