@@ -332,6 +332,7 @@ class Atlas(LineageMixin):
     _codes: dict = field(default_factory=dict, repr=False)
     _labels: dict = field(default_factory=dict, repr=False)
     reclassified: bool = False  # thresholds differ from the stored lineage.npy
+    _widths: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, root: str | Path) -> Atlas:
@@ -353,7 +354,9 @@ class Atlas(LineageMixin):
 
     @property
     def widths(self) -> dict[Site, int]:
-        return {Site.parse(s): int(w) for s, w in self.info["widths"].items()}
+        if self._widths is None:  # parsed once: a flow graph checks a feature at every node
+            self._widths = {Site.parse(s): int(w) for s, w in self.info["widths"].items()}
+        return dict(self._widths)
 
     @property
     def model(self) -> str | None:

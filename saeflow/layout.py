@@ -85,12 +85,17 @@ def layout(graph: FlowGraph, sweeps: int = SWEEPS) -> Layout:
         preds[e.target].append(e.source)
         succs[e.source].append(e.target)
 
+    def place_cell(pos: dict, key: tuple[int, str]) -> dict[Feature, tuple[float, float]]:
+        (layer, k), fs = key, cells[key]
+        off = (rows[k] - len(fs)) / 2
+        for i, f in enumerate(fs):
+            pos[f] = (col[layer] + OFFSET[k], top[k] + off + i + 0.5)
+        return pos
+
     def place() -> dict[Feature, tuple[float, float]]:
-        pos = {}
-        for (layer, k), fs in cells.items():
-            off = (rows[k] - len(fs)) / 2
-            for i, f in enumerate(fs):
-                pos[f] = (col[layer] + OFFSET[k], top[k] + off + i + 0.5)
+        pos: dict[Feature, tuple[float, float]] = {}
+        for key in cells:
+            place_cell(pos, key)
         return pos
 
     for key in cells:  # start: the seed first, then by index
@@ -107,7 +112,7 @@ def layout(graph: FlowGraph, sweeps: int = SWEEPS) -> Layout:
                 ys = [pos[g][1] for g in nbrs[f]]
                 return (sum(ys) / len(ys) if ys else pos[f][1]), f.index
             cells[key].sort(key=bary)
-            pos = place()
+            place_cell(pos, key)  # only this cell moved
         n = crossings(graph, pos)
         if n < best[0]:  # keep the best ordering seen (a sweep can also make things worse)
             best = (n, {k: list(v) for k, v in cells.items()})
