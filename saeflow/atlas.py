@@ -333,6 +333,7 @@ class Atlas(LineageMixin):
     _labels: dict = field(default_factory=dict, repr=False)
     reclassified: bool = False  # thresholds differ from the stored lineage.npy
     _widths: dict | None = field(default=None, init=False, repr=False, compare=False)
+    _sources: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, root: str | Path) -> Atlas:
@@ -372,7 +373,10 @@ class Atlas(LineageMixin):
         return all((self.root / "labels" / f"{s.slug}.off.npy").exists() for s in self.sites)
 
     def sources(self, layer: int) -> dict[str, Site]:
-        return {k: Site.parse(s) for k, s in self.info["sources"].get(str(layer), {}).items()}
+        if layer not in self._sources:  # parsed once per layer, like widths
+            self._sources[layer] = {k: Site.parse(s)
+                                    for k, s in self.info["sources"].get(str(layer), {}).items()}
+        return dict(self._sources[layer])
 
     def feature(self, feature: Feature | str) -> Feature:
         """Parse and check a feature id against this atlas (clear errors for bad ids)."""
