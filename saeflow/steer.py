@@ -3,7 +3,7 @@
 A ``SteeringPlan`` is a list of ``(feature, coefficient)`` terms at any sites and layers, an
 action, and an optional per-feature magnitude. While ``plan.apply(lm, suite)`` is open, every
 forward pass of the model is edited at every token position (the prompt, and each generated
-token when the KV cache is used):
+token when the KV cache is used; ``from_token`` and ``generated_only`` narrow that, below):
   - activate: ``h <- h + coefficient * magnitude * v`` at the feature's site, with ``v`` the raw
     row of ``SAE.steering_vectors()`` (decoder row with the SAE's output scale);
   - suppress: ``h <- h + (r - 1) * a * v`` with ``r`` the coefficient and ``a`` the feature's
@@ -14,6 +14,13 @@ token when the KV cache is used):
     and never a token whose norm is above 10x the median of the pass (SmolLM2's first token,
     at ~24,000, returns activations of 290-760 instead of 4-6 there); the one-token steps of
     cached generation keep the limit measured on the prompt.
+A plan may steer only part of each sequence (steering-vectors' ``min_token_index``):
+``from_token = N`` edits the tokens at positions >= N only, ``generated_only`` the tokens
+``generate`` adds only (positions >= the row's prompt length: the first new token is drawn from
+unsteered states, as with ``min_token_index = len(prompt)`` without a KV cache). Positions are
+a token's place in its own sequence, tracked through left padding and the cache; steering-vectors
+counts along the current forward's token axis instead, so with a cache its one-token steps are
+never steered when N >= 1. The default (0, False) edits every token.
 Activation costs one vector addition per site: the terms of a site are summed into one vector
 when the plan is applied. Suppression encodes the plan's features only (all features for TopK
 SAEs, whose activation depends on the others).
@@ -27,17 +34,7 @@ SAEs, whose activation depends on the others).
     takes the span of the features actually steered, so the ramp ends at ``l`` in cumulative
     mode; with one layer the coefficient is ``s``).
 
-Magnitudes (the paper only says folding can set them; saeflow makes the unit explicit):
-  - ``res_norm`` (default of the CLI): ``v`` is rescaled to the typical residual-stream norm of
-    the feature's layer (median token norm on corpus text, first token excluded: SmolLM2 puts
-    ~27,000 there against 50-700 elsewhere). A coefficient is then a fraction of the residual
-    stream, comparable across layers whose norms grow with depth, and across SAE families whose
-    decoder rows are not unit norm. att_z rows are measured in the residual basis (through W_O).
-  - ``activation``: the feature's mean activation on tokens where it fires (raw ``v``), so
-    ``s = 1`` adds the feature at its typical strength; features that never fire on the sample
-    take the median of their site's firing features.
-  - ``theta``: the JumpReLU threshold, i.e. the folded decoder row (Mechanistic Permutability).
-  - ``none``: raw ``v``, as Neuronpedia's steering does.
+Magnitudes (``res_norm``, ``activation``, ``theta``, ``none``) are ``saeflow.magnitudes``.
 Plans store the resolved magnitudes, so a plan file is self-contained; ``info`` keeps how it was
 built. Plans save as JSON (written atomically) and load back.
 """
@@ -55,13 +52,13 @@ import torch
 from torch import Tensor
 
 from saeflow.hooks import editing
+from saeflow.magnitudes import MAGNITUDES, feature_magnitudes  # noqa: F401  (re-exported)
 from saeflow.sites import Feature, Site
 from saeflow.tokens import LimitMemory, PositionTracker, tracking_positions, usable_tokens
 
 ACTIONS = ("activate", "suppress")
 MODES = ("single", "cumulative")
 SCHEDULES = ("constant", "exponential", "linear")
-MAGNITUDES = ("res_norm", "activation", "theta", "none")
 PLAN_FORMAT = "saeflow.steering_plan/1"
 
 
@@ -94,6 +91,8 @@ class SteeringPlan:
     action: str = "activate"
     magnitudes: dict[Feature, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    from_token: int = 0  # edit only tokens at positions >= from_token (module docstring)
+    generated_only: bool = False  # edit only the tokens generate() adds
 
     def __post_init__(self):
         if self.action not in ACTIONS:
@@ -115,6 +114,11 @@ class SteeringPlan:
             if not math.isfinite(m):
                 raise ValueError(f"magnitude of {f} is not finite: {m}")
         self.magnitudes = mags
+        if isinstance(self.from_token, bool) or not isinstance(self.from_token, int) or \
+                self.from_token < 0:
+            raise ValueError(f"from_token must be an integer >= 0, got {self.from_token!r}")
+        if not isinstance(self.generated_only, bool):
+            raise ValueError(f"generated_only must be true or false, got {self.generated_only!r}")
 
     @property
     def features(self) -> list[Feature]:
@@ -132,21 +136,31 @@ class SteeringPlan:
         return self.magnitudes.get(feature, 1.0)
 
     @contextmanager
-    def apply(self, lm, suite):
-        """Edit ``lm`` at the plan's sites while the block runs; always restores the model."""
-        if self.action == "activate":
+    def apply(self, lm, suite, prompt_lengths: Sequence[int] | None = None):
+        """Edit ``lm`` at the plan's sites while the block runs; always restores the model.
+        ``prompt_lengths`` (one per row of the batch, as ``generate`` passes them) say where
+        each row's generated tokens start; a ``generated_only`` plan needs them."""
+        if self.generated_only and prompt_lengths is None:
+            raise ValueError("a generated_only plan steers the tokens generate() adds: pass "
+                             "prompt_lengths (one per row) to apply()")
+        windowed = self.from_token > 0 or self.generated_only
+        if self.action == "activate" and not windowed:
             with editing(lm, site_edits(self, lm, suite)):
                 yield self
             return
-        with tracking_positions(lm.model) as tracker, editing(
-                lm, site_edits(self, lm, suite, tracker)):
-            yield self
+        with tracking_positions(lm.model) as tracker:
+            window = TokenWindow(tracker, self.from_token,
+                                 prompt_lengths if self.generated_only else None)
+            with editing(lm, site_edits(self, lm, suite, tracker,
+                                        window if windowed else None)):
+                yield self
 
     # ---- JSON ---------------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"format": PLAN_FORMAT, "action": self.action,
                 "terms": [{"feature": str(f), "coefficient": c, "magnitude": self.magnitude(f)}
                           for f, c in self.terms],
+                "from_token": self.from_token, "generated_only": self.generated_only,
                 "info": self.info}
 
     @classmethod
@@ -156,7 +170,8 @@ class SteeringPlan:
         try:
             terms = [(t["feature"], t["coefficient"]) for t in data["terms"]]
             mags = {t["feature"]: t.get("magnitude", 1.0) for t in data["terms"]}
-            return cls(terms, data.get("action", "activate"), mags, dict(data.get("info") or {}))
+            return cls(terms, data.get("action", "activate"), mags, dict(data.get("info") or {}),
+                       data.get("from_token", 0), data.get("generated_only", False))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source}: bad steering plan: {e}") from None
 
@@ -217,69 +232,35 @@ def plan_from_graph(graph, mode: str = "cumulative", layer: int | None = None,
     return SteeringPlan(list(zip(chosen, coefs)), action, mags, info)
 
 
-def feature_magnitudes(lm, suite, features: Iterable[Feature], how: str = "res_norm",
-                       texts: Sequence[str] | None = None,
-                       max_tokens: int = 64) -> dict[Feature, float]:
-    """Per-feature multipliers of the raw steering vector (see the module docstring)."""
-    if how not in MAGNITUDES:
-        raise ValueError(f"unknown magnitude {how!r}; known: {', '.join(MAGNITUDES)}")
-    feats = sorted({Feature.parse(f) for f in features})
-    if how == "none":
-        return {f: 1.0 for f in feats}
-    if how == "theta":
-        out = {}
-        for f in feats:
-            sae = suite[f.site]
-            if sae.activation != "jumprelu":
-                raise ValueError(f"theta magnitudes need JumpReLU SAEs; the SAE at {f.site} is "
-                                 f"{sae.activation}")
-            out[f] = float(sae.threshold[f.index])
-        return out
-    if not texts:
-        raise ValueError(f"{how} magnitudes are measured on text; pass some texts")
-    from saeflow.themes import text_states
-    if how == "res_norm":
-        layers = sorted({f.layer for f in feats})
-        norms: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-        for _, states, _ in text_states(lm, texts, [Site(layer, "res") for layer in layers],
-                                        max_tokens):
-            for site, h_TD in states.items():
-                norms[site.layer].append(h_TD.float().norm(dim=-1))
-        med = {layer: float(torch.cat(v).median()) for layer, v in norms.items()}
-        return {f: med[f.layer] / _residual_norm(lm, suite, f) for f in feats}
-    sites = sorted({f.site for f in feats})
-    sums = {s: torch.zeros(suite[s].d_sae) for s in sites}
-    counts = {s: torch.zeros(suite[s].d_sae) for s in sites}
-    for _, states, _ in text_states(lm, texts, sites, max_tokens):
-        for site, h_TD in states.items():
-            acts_TF = suite[site].encode(h_TD.float())
-            sums[site] += acts_TF.sum(0)
-            counts[site] += (acts_TF > 0).sum(0)
-    out = {}
-    for f in feats:
-        s, c = sums[f.site], counts[f.site]
-        typical = s / c.clamp_min(1)
-        fallback = float(typical[c > 0].median()) if (c > 0).any() else 1.0
-        out[f] = float(typical[f.index]) if c[f.index] > 0 else fallback
-    return out
-
-
-def _residual_norm(lm, suite, feature: Feature) -> float:
-    v = suite[feature.site].steering_vectors()[feature.index].float()
-    if feature.kind == "att_z":
-        v = lm.att_z_to_residual(feature.layer, v[None])[0].float()
-    n = float(v.norm())
-    if n == 0:
-        raise ValueError(f"feature {feature} has a zero decoder row; it cannot be steered")
-    return n
-
-
 # ---- hooks --------------------------------------------------------------------------------------
-def site_edits(plan: SteeringPlan, lm, suite, tracker: PositionTracker | None = None
-               ) -> dict[Site, object]:
+class TokenWindow:
+    """The tokens a plan edits: positions >= ``from_token`` and, given ``prompt_lengths``
+    (one per row), >= the row's prompt length. Positions come from ``tracker``."""
+
+    def __init__(self, tracker: PositionTracker, from_token: int = 0,
+                 prompt_lengths: Sequence[int] | None = None):
+        self.tracker, self.from_token = tracker, int(from_token)
+        self.prompt_lengths = None if prompt_lengths is None else torch.tensor(
+            [int(n) for n in prompt_lengths])
+
+    def mask(self, h: Tensor) -> Tensor:
+        """Bool [B, T] (or [T]) of the tokens of ``h`` [..., T, D] to edit."""
+        pos = self.tracker.for_hidden(h)
+        pos = torch.arange(h.shape[-2], device=h.device) if pos is None else pos
+        if self.prompt_lengths is None:
+            return pos >= self.from_token
+        if h.dim() != 3 or len(self.prompt_lengths) != h.shape[0]:
+            raise ValueError(f"{len(self.prompt_lengths)} prompt lengths for hidden states of "
+                             f"shape {tuple(h.shape)} (one per row expected)")
+        start = self.prompt_lengths.to(h.device).clamp_min(self.from_token)
+        return pos >= start[:, None]
+
+
+def site_edits(plan: SteeringPlan, lm, suite, tracker: PositionTracker | None = None,
+               window: TokenWindow | None = None) -> dict[Site, object]:
     """One edit function per site of the plan (activation terms summed into one vector).
     Suppressors read token positions from ``tracker`` (``tokens.tracking_positions``); without
-    one a token's index is its position."""
+    one a token's index is its position. With ``window`` only its tokens are edited."""
     by_site: dict[Site, list[tuple[Feature, float]]] = {}
     for f, c in plan.terms:
         by_site.setdefault(f.site, []).append((f, c))
@@ -294,21 +275,23 @@ def site_edits(plan: SteeringPlan, lm, suite, tracker: PositionTracker | None = 
         V_nD = sae.W_dec[idx].float() * sae.output_scale  # = steering_vectors()[idx], n rows only
         if plan.action == "activate":
             w_n = torch.tensor([c * plan.magnitude(f) for f, c in terms])
-            edits[site] = _adder((w_n @ V_nD).to(device=lm.device, dtype=lm.dtype))
+            edits[site] = _adder((w_n @ V_nD).to(device=lm.device, dtype=lm.dtype), window)
         else:
             r_n = torch.tensor([c for _, c in terms])
-            edits[site] = _suppressor(sae, idx, r_n - 1.0, V_nD, lm.device, tracker)
+            edits[site] = _suppressor(sae, idx, r_n - 1.0, V_nD, lm.device, tracker, window)
     return edits
 
 
-def _adder(vec_D: Tensor):
+def _adder(vec_D: Tensor, window: TokenWindow | None = None):
     def fn(h: Tensor) -> Tensor:
-        return h + vec_D
+        if window is None:
+            return h + vec_D
+        return torch.where(window.mask(h)[..., None], h + vec_D, h)
     return fn
 
 
 def _suppressor(sae, idx_n: Tensor, gain_n: Tensor, V_nD: Tensor, device,
-                tracker: PositionTracker | None = None):
+                tracker: PositionTracker | None = None, window: TokenWindow | None = None):
     """``h + sum_i gain_i * a_i(h) * v_i`` with ``a`` encoded from ``h`` at this site, on
     usable tokens only (``tokens.usable_tokens``; the others are returned unchanged)."""
     full = sae.activation == "topk"
@@ -321,6 +304,8 @@ def _suppressor(sae, idx_n: Tensor, gain_n: Tensor, V_nD: Tensor, device,
     def fn(h: Tensor) -> Tensor:
         pos = tracker.for_hidden(h) if tracker is not None else None
         keep = usable_tokens(h, limits(h, pos), positions=pos)  # [..., T]
+        if window is not None:
+            keep = keep & window.mask(h)
         x = h.to(enc.W_enc.dtype)
         acts = enc.encode(x)
         a_n = acts[..., idx_n] if full else acts  # [..., n]
@@ -392,24 +377,25 @@ def generate(lm, prompt: str | Sequence[str], plan: SteeringPlan | None = None,
         from tqdm.auto import tqdm
         bar = tqdm(total=len(rows), desc="generate", unit="seq", leave=False)
     out: list[Generation] = []
-    with plan.apply(lm, suite) if plan is not None else nullcontext():
-        for b, start in enumerate(starts):
-            chunk = encoded[start:start + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=lm.device)
-            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk],
-                                device=lm.device)
-            torch.manual_seed(seed * 1_000_003 + b)
+    for b, start in enumerate(starts):
+        chunk = encoded[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=lm.device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk],
+                            device=lm.device)
+        torch.manual_seed(seed * 1_000_003 + b)
+        with (plan.apply(lm, suite, [len(c) for c in chunk]) if plan is not None
+              else nullcontext()):
             seqs = lm.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
                                      streamer=streamer, stopping_criteria=stopping_criteria)
-            for i, c in enumerate(chunk):
-                new = seqs[i, width:].tolist()
-                cut = next((j for j, t in enumerate(new) if t in eos), len(new))
-                new = new[:cut]
-                out.append(Generation(rows[start + i], tok.decode(new, skip_special_tokens=True),
-                                      seed, tuple(c), tuple(new)))
-            if bar is not None:
-                bar.update(len(chunk))
+        for i, c in enumerate(chunk):
+            new = seqs[i, width:].tolist()
+            cut = next((j for j, t in enumerate(new) if t in eos), len(new))
+            new = new[:cut]
+            out.append(Generation(rows[start + i], tok.decode(new, skip_special_tokens=True),
+                                  seed, tuple(c), tuple(new)))
+        if bar is not None:
+            bar.update(len(chunk))
     if bar is not None:
         bar.close()
     return out

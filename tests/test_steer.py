@@ -16,8 +16,9 @@ from saeflow.sites import Feature, Site
 from saeflow.steer import (SteeringPlan, feature_magnitudes, generate, plan_from_features,
                            plan_from_graph, schedule_coefficients, site_edits)
 from saeflow.suite import Suite
+from tiny import LLAMA, tiny_llama
 
-D, F, LAYERS = 64, 32, 4
+D, F, LAYERS = LLAMA["hidden_size"], 32, LLAMA["num_hidden_layers"]
 
 
 def byte_tokenizer():
@@ -34,12 +35,9 @@ def byte_tokenizer():
 
 
 def char_lm(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=D, intermediate_size=128, num_hidden_layers=LAYERS,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                      eos_token_id=1, pad_token_id=2, bos_token_id=None)
-    return lm_from_model(LlamaForCausalLM(cfg), byte_tokenizer(), name="tiny")
+    """tests/tiny.py's Llama (width D, LAYERS layers) over the character vocabulary."""
+    model = tiny_llama(seed, vocab_size=128, eos_token_id=1, pad_token_id=2, bos_token_id=None)
+    return lm_from_model(model, byte_tokenizer(), name="tiny")
 
 
 def planted_sae(site: Site, activation: str = "relu", seed: int = 0) -> SAE:
@@ -214,6 +212,88 @@ def test_suppression_in_generation_skips_each_rows_first_token(lm, suite):
     assert all(s.shape[1] == 1 for s in runs[1][1:])  # the cached one-token steps ran too
 
 
+# ---- steering from a token position on ----------------------------------------------------------
+def _from_position(vec, start):
+    """A plain hook's edit: add ``vec`` at the positions >= ``start`` of an unpadded batch."""
+    def fn(h):
+        keep = (torch.arange(h.shape[1]) >= start)[None, :, None]
+        return torch.where(keep, h + vec, h)
+    return fn
+
+
+def test_from_token_steers_only_later_positions_like_a_plain_hook(lm, suite):
+    site = Site(1, "res")
+    plan = SteeringPlan([("1/res/3", 2.0), ("1/res/4", -1.0)], from_token=4)
+    sae = suite[site]
+    vec = torch.tensor([2.0, -1.0]) @ (sae.W_dec[[3, 4]].float() * sae.output_scale)
+    base = logits(lm)
+    with recording(lm, [site]) as rec:
+        logits(lm)
+        before = rec[site].clone()
+    with plan.apply(lm, suite), recording(lm, [site]) as rec:
+        steered = logits(lm)
+        after = rec[site].clone()
+    with editing(lm, {site: _from_position(vec, 4)}):
+        reference = logits(lm)
+    assert torch.equal(steered, reference)
+    assert torch.equal(after[:, :4], before[:, :4]) and torch.equal(steered[:, :4], base[:, :4])
+    assert torch.allclose(after[:, 4:] - before[:, 4:], vec.expand(1, 6, D), atol=1e-5)
+    everywhere = SteeringPlan(plan.terms)  # the default edits position 0 on
+    with everywhere.apply(lm, suite):
+        assert not torch.equal(logits(lm)[:, :4], base[:, :4])
+
+
+def test_from_token_suppresses_only_later_positions(lm, suite):
+    site = Site(1, "res")
+    plan = SteeringPlan([(Feature(site, j), 0.0) for j in range(F)], action="suppress",
+                        from_token=5)
+    with recording(lm, [site]) as rec:
+        logits(lm)
+        before = rec[site].clone()
+    with plan.apply(lm, suite), recording(lm, [site]) as rec:
+        logits(lm)
+        after = rec[site].clone()
+    assert torch.equal(after[:, :5], before[:, :5])
+    assert suite[site].encode(after[0, 5:]).abs().max() < 1e-4  # removed from position 5 on
+
+
+def test_generated_only_leaves_the_prompt_alone_and_steers_new_tokens(lm, suite):
+    """Against a cache-free loop with a plain hook that edits the positions >= the prompt's
+    length; in a left-padded batch the prompt pass is untouched in every row."""
+    site = Site(1, "res")
+    plan = SteeringPlan([("1/res/3", 12.0), ("1/res/7", 8.0)], generated_only=True)
+    sae = suite[site]
+    vec = torch.tensor([12.0, 8.0]) @ (sae.W_dec[[3, 7]].float() * sae.output_scale)
+    gen = generate(lm, "I think", plan, 10, suite=suite, greedy=True)[0]
+    ids, n = list(gen.prompt_ids), len(gen.prompt_ids)
+    with editing(lm, {site: _from_position(vec, n)}):
+        for _ in range(len(gen.new_ids)):
+            ids.append(int(logits(lm, torch.tensor([ids]))[0, -1].argmax()))
+    assert tuple(ids[n:]) == gen.new_ids
+    unsteered = generate(lm, "I think", None, 10, greedy=True)[0]
+    assert unsteered.new_ids != gen.new_ids
+    assert unsteered.new_ids[0] == gen.new_ids[0]  # drawn from the unsteered prompt states
+    runs = []
+    for p in (None, plan):
+        store, handle = _passes(lm, Site(2, "res"))
+        try:
+            generate(lm, ["I think", "The weather today"], p, 3, suite=suite, greedy=True)
+        finally:
+            handle.remove()
+        runs.append(store)
+    assert torch.equal(runs[0][0], runs[1][0])  # the prompt pass [2, T, D]
+    assert not torch.equal(runs[0][2], runs[1][2])  # the second new token's pass is steered
+    late = SteeringPlan(plan.terms, from_token=100, generated_only=True)  # beyond every token
+    assert generate(lm, "I think", late, 10, suite=suite, greedy=True)[0] == unsteered
+    assert hook_count(lm.model) == 0
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        with plan.apply(lm, suite):
+            pass
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="from_token must be an integer >= 0"):
+            SteeringPlan(plan.terms, from_token=bad)
+
+
 # ---- hook hygiene -------------------------------------------------------------------------------
 def test_hooks_never_leak(lm, suite, monkeypatch):
     plan = plan_from_graph(GRAPH, "cumulative", 3, coefficient=1.0)
@@ -316,7 +396,10 @@ def test_plan_json_round_trip(tmp_path):
                            magnitudes={Feature.parse("3/res/7"): 12.5}, action="activate")
     path = plan.save(tmp_path / "plans" / "p.json")
     back = SteeringPlan.load(path)
-    assert back.to_json() == plan.to_json()
+    assert back.to_json() == plan.to_json() and back.from_token == 0 and not back.generated_only
+    window = SteeringPlan(plan.terms, from_token=3, generated_only=True)
+    again = SteeringPlan.from_json(json.loads(json.dumps(window.to_json())))
+    assert (again.from_token, again.generated_only) == (3, True)
     assert back.terms == plan.terms and back.magnitude(Feature.parse("3/res/7")) == 12.5
     assert [p.name for p in path.parent.iterdir()] == ["p.json"]  # no temp file left
     assert json.loads(path.read_text())["terms"][0]["feature"] == "0/res/1"
@@ -373,6 +456,13 @@ def test_cli_steer_features_and_plan_file(lm, tmp_path, capsys):
     assert {t["feature"] for t in terms} == {"1/res/3", "2/mlp/4"}
     assert main(args + ["--plan", str(plan_path)]) == 0
     assert out.split("prompt:")[1] == capsys.readouterr().out.split("prompt:")[1]  # same seed
+    assert main(args + ["--plan", str(plan_path), "--generated-only", "--from-token", "2",
+                        "--save-plan", str(tmp_path / "late.json")]) == 0
+    assert "tokens from position 2, generated tokens only" in capsys.readouterr().out
+    late = json.loads((tmp_path / "late.json").read_text())
+    assert (late["from_token"], late["generated_only"]) == (2, True)
+    assert main(args + ["--plan", str(plan_path), "--from-token", "-1"]) == 2
+    assert "--from-token must be >= 0" in capsys.readouterr().err
     assert main(args + ["--plan", str(tmp_path / "nope.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert hook_count(lm.model) == 0

@@ -77,6 +77,10 @@ def add(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=g.temperature)
     p.add_argument("--top-p", type=float, default=g.top_p)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--from-token", type=int, default=d.from_token, metavar="N",
+                   help="steer only tokens at positions >= N of each sequence (default 0: all)")
+    p.add_argument("--generated-only", action="store_true",
+                   help="steer only the generated tokens, not the prompt")
     p.add_argument("--save-plan", default=None, help="write the plan used to this JSON file")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -101,7 +105,9 @@ def run(args) -> int:
     coefs = [c for _, c in plan.terms]
     print(f"plan: {plan.action} {len(plan.terms)} features at {len(plan.sites)} sites, layers "
           f"{plan.layers[0]}..{plan.layers[-1]}, coefficients {min(coefs):.3g}..{max(coefs):.3g}"
-          + (f" ({plan.info.get('mode')} from {plan.info['seed']})" if "seed" in plan.info else ""))
+          + (f" ({plan.info.get('mode')} from {plan.info['seed']})" if "seed" in plan.info else "")
+          + (f", tokens from position {plan.from_token}" if plan.from_token else "")
+          + (", generated tokens only" if plan.generated_only else ""))
     if args.save_plan:
         print(f"plan saved to {plan.save(args.save_plan)}")
     for b, s in steer_pairs(lm, suite, args.prompt, plan, gen):

@@ -8,6 +8,7 @@ generates unsteered and steered continuations with the same random seed.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ class PlanOptions:
     children: bool = False
     source: str = "default"  # corpus for theme retrieval and magnitudes
     examples: str | None = None  # a .txt file of theme examples
+    from_token: int = 0  # steer only tokens at positions >= this (``SteeringPlan.from_token``)
+    generated_only: bool = False  # steer only generated tokens (``SteeringPlan.generated_only``)
 
     def __post_init__(self):
         for name, allowed in (("mode", PLAN_MODES), ("schedule", SCHEDULES),
@@ -55,6 +58,8 @@ class PlanOptions:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name}: {getattr(self, name)!r} is not one of "
                                  f"{', '.join(allowed)}")
+        if self.from_token < 0:
+            raise ValueError(f"--from-token must be >= 0, got {self.from_token}")
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,18 @@ def theme_seed(opts: PlanOptions, suite: Suite, lm: LM, description: str,
 def build_plan(opts: PlanOptions, suite: Suite, lm: LM, *, features: Sequence[str] = (),
                theme: str | None = None, plan_file: str | None = None,
                graph_file: str | None = None, log: Log = print) -> SteeringPlan:
-    """The plan of a plan file, a flow-graph file, a theme or the listed features."""
+    """The plan of a plan file, a flow-graph file, a theme or the listed features; the
+    options' token window (``from_token``, ``generated_only``), when set, replaces the plan's."""
+    plan = _build_plan(opts, suite, lm, features, theme, plan_file, graph_file, log)
+    if opts.from_token or opts.generated_only:
+        plan = dataclasses.replace(plan, from_token=opts.from_token,
+                                   generated_only=opts.generated_only)
+    return plan
+
+
+def _build_plan(opts: PlanOptions, suite: Suite, lm: LM, features: Sequence[str],
+                theme: str | None, plan_file: str | None, graph_file: str | None,
+                log: Log) -> SteeringPlan:
     import json
 
     from saeflow.catalog import atlas_for
