@@ -31,7 +31,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
 def tiny_lm():
     lm = tiny_llama_lm(max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
                        pad_token_id=None, initializer_range=0.4)
-    lm.model.generation_config.eos_token_id = None
+    setattr(lm.model.generation_config, "eos_token_id", None)
     return lm
 
 
@@ -115,9 +115,20 @@ def test_overview_reports_the_atlas(client, setup):
     assert o["name"] == "planted" and o["model"] == "tiny-llama"
     assert o["layers"] == [0, 1, 2, 3] and o["n_features"] == 12 * 96
     assert o["site_counts"] == {"res": 4, "mlp": 4, "att": 4}
-    for L, fr in o["class_fractions"].items():
+    for L, fr in o["class_fractions"].items():  # each layer under its own class names
         assert abs(sum(fr.values()) - 1) < 1e-3
-        assert fr == pytest.approx(atlas.class_fractions()[int(L)], abs=1e-4)
+        assert fr == pytest.approx(atlas.named_fractions()[int(L)], abs=1e-4)
+    # layer 0 has no R_{-1}: its classes are no_prev_*, never newborn_*
+    assert o["no_previous"] == [0]
+    assert not any(c.startswith("newborn") or c == "unexplained" for c in o["class_fractions"]["0"])
+    assert o["class_fractions"]["0"]["no_prev_unexplained"] == pytest.approx(
+        atlas.class_fractions()[0]["unexplained"], abs=1e-4)
+    assert o["classes"][:8] == ["translated", "processed_mlp", "processed_att", "processed_both",
+                                "newborn_mlp", "newborn_att", "newborn_both", "unexplained"]
+    assert set(o["classes"][8:]) == {"no_prev_mlp", "no_prev_att", "no_prev_both",
+                                     "no_prev_unexplained"} <= set(o["colors"])
+    assert o["null_thresholds"]["2"]["mlp"] == pytest.approx(atlas.null_thresholds[2]["mlp"],
+                                                             abs=1e-4)
     assert o["thresholds"]["2"]["res"] == pytest.approx(atlas.thresholds[2]["res"], abs=1e-4)
     assert o["thresholds"]["0"]["res"] is None  # layer 0 has no R_{-1}: NaN becomes null
     assert o["contexts"]["complete"] and o["contexts"]["n_sequences"] > 0
@@ -144,6 +155,99 @@ def test_feature_page_matches_planted_parents(client, setup):
     mlp = get(client, "/api/features/2/mlp/7")
     assert mlp["lineage"] is None and mlp["predecessors"] == []
     assert mlp["successors"][0]["id"].startswith("2/res/")
+
+
+def test_layer_zero_features_carry_the_atlas_class_names(client, setup):
+    atlas = setup[0]
+    codes = np.asarray(atlas.lineage_codes(0))
+    newborn = int(np.flatnonzero(codes == 4)[0])  # code 4: newborn_mlp where R_{L-1} exists
+    f = get(client, f"/api/features/0/res/{newborn}")
+    assert f["lineage"] == "no_prev_mlp" == atlas.lineage(f"0/res/{newborn}")
+    r = get(client, "/api/search?lineage=no_prev_mlp&layer=0&limit=500")
+    assert r["total"] == int((codes == 4).sum()) > 0
+    assert {x["lineage"] for x in r["results"]} == {"no_prev_mlp"}
+    assert get(client, "/api/search?lineage=newborn_mlp&layer=0")["total"] == 0
+    assert get(client, "/api/search?lineage=newborn_mlp&layer=2")["total"] == int(
+        (np.asarray(atlas.lineage_codes(2)) == 4).sum())
+    g = get(client, f"/api/graph/0/res/{newborn}")
+    assert next(n for n in g["nodes"] if n["id"] == g["seed"])["lineage"] == "no_prev_mlp"
+
+
+def test_share_curves_sweep_the_stored_scores(client, setup):
+    from saeflow.lineage import classify, fractions
+    atlas = setup[0]
+    c = get(client, "/api/share_curves")
+    assert c["vary"] == "all" and c["grid"][0] == 0.0 and c["grid"][-1] == 1.0
+    assert c["no_previous"] == [0] and set(c["layers"]) == {"0", "1", "2", "3"}
+    s = atlas.scores(2)
+    for j, x in enumerate(c["grid"]):  # every grid value is the classification at that cut
+        want = fractions(classify(s["res"], s["mlp"], s["att"], x, x, x))
+        assert {k: v[j] for k, v in c["layers"]["2"].items()} == pytest.approx(want, abs=1e-4)
+    assert c["layers"]["2"]["unexplained"][-1] == 1.0  # nothing beats a cosine of 1
+    assert c["layers"]["0"]["no_prev_unexplained"][-1] == 1.0 and "unexplained" not in \
+        c["layers"]["0"]
+    assert c["thresholds"]["2"]["res"] == pytest.approx(atlas.thresholds[2]["res"], abs=1e-4)
+    # varying one score keeps the atlas's thresholds for the others
+    r = get(client, "/api/share_curves?vary=res")
+    t = atlas.thresholds[2]
+    want = fractions(classify(s["res"], s["mlp"], s["att"], 0.5, t["mlp"], t["att"]))
+    j = r["grid"].index(0.5)
+    assert {k: v[j] for k, v in r["layers"]["2"].items()} == pytest.approx(want, abs=1e-4)
+    assert get(client, "/api/share_curves?vary=nope", 400)["error"]
+
+
+def test_graph_says_when_thresholds_are_below_the_null(client, setup):
+    from saeflow.flow import trace
+    atlas = setup[0]
+    nulls = atlas.null_thresholds
+    quiet = get(client, "/api/graph/3/res/4?res_threshold=0.99&block_threshold=0.99")
+    assert quiet["notes"] == []
+    low = get(client, "/api/graph/3/res/4?res_threshold=0.01&block_threshold=0.01")
+    assert any("MLP s(M) 0.01 is below the null" in n for n in low["notes"])
+    assert any("residual chain s(R) 0.01 is below the null" in n for n in low["notes"])
+    # the graph itself follows the atlas's rule: block nodes must beat their layer's null
+    for n in low["nodes"]:
+        if n["kind"] != "res":
+            assert n["score"] > nulls[n["layer"]]["att" if n["kind"] == "att" else "mlp"] - 1e-4
+    # below_null admits the chance-level links and passes trace's own warnings on
+    with pytest.warns(UserWarning, match="below their layer's null"):
+        loose = get(client, "/api/graph/3/res/4?res_threshold=0.01&block_threshold=0.01"
+                            "&below_null=1")
+    with pytest.warns(UserWarning, match="below their layer's null"):
+        want = trace(atlas, "3/res/4", 0.01, 0.01, below_null=True)
+    assert [n["id"] for n in loose["nodes"]] == [str(f) for f in want.features]
+    assert len(loose["nodes"]) > len(low["nodes"]) and loose["settings"]["below_null"] is True
+    assert loose["notes"] == want.settings["warnings"] and loose["notes"]
+    assert get(client, "/api/graph/3/res/4?below_null=maybe", 400)["error"]
+    r = client.get("/api/export/3/res/4?fmt=json&res_threshold=0.01&block_threshold=0.01"
+                   "&below_null=true")
+    assert len(json.loads(r.data)["nodes"]) == len(loose["nodes"])
+
+
+def test_concurrent_requests_for_one_graph_trace_it_once(app, monkeypatch):
+    import saeflow.flow
+    view = app.extensions["saeflow.view"]
+    calls, gate = [], threading.Event()
+    real = saeflow.flow.trace
+
+    def slow_trace(*args, **kwargs):
+        calls.append(args[1])
+        gate.wait(10)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(saeflow.flow, "trace", slow_trace)
+    f = Feature.parse("3/res/7")
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(view.graph_bytes(f, 0.42, 0.21)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert len(calls) == 1 and len(out) == 8 and len(set(out)) == 1
+    assert json.loads(out[0]) == view.graph_json(f, 0.42, 0.21)
+    assert view.graph_bytes(f, 0.42, 0.21) is out[0] and len(calls) == 1  # cached
 
 
 def test_feature_contexts_come_from_the_texts(client):
@@ -489,7 +593,7 @@ def test_view_command_resolves_atlases(setup, tmp_path, capsys):
     atlas, suite = find_atlas(str(setup[0].root))
     assert atlas.root == setup[0].root and suite is None
     load, why = model_loader(atlas, None, None, model=None)
-    assert load is None and "--suite" in why  # the planted suite lives in memory only
+    assert load is None and "--suite" in (why or "")  # the planted suite lives in memory only
     assert main(["view", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
     assert main(["view", str(setup[0].root), "--port", "70000"]) == 2
@@ -515,7 +619,7 @@ def test_contexts_command_end_to_end(setup, tmp_path, capsys):
                  "--source", str(tmp_path / "text.txt"), "--tokens", "256", "--seq-len", "32",
                  "--batch-size", "2", "--top", "3", "--sites", "2/res,2/mlp"]) == 0
     ctx = Contexts.find(atlas.root)
-    assert ctx.complete and [str(s) for s in ctx.sites] == ["2/mlp", "2/res"]
+    assert ctx is not None and ctx.complete and [str(s) for s in ctx.sites] == ["2/mlp", "2/res"]
     assert ctx.info()["settings"]["top_k"] == 3 and "contexts for 2 sites" in capsys.readouterr().out
     assert main(["contexts", str(atlas.root), "--model", str(tmp_path / "model"),
                  "--sites", "9/res"]) == 2

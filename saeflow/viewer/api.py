@@ -94,6 +94,28 @@ def max_nodes(source: dict) -> int:
     return int(number(source, "max_nodes", MAX_GRAPH_NODES, 1, 1000, int))
 
 
+def flag(source: dict, name: str) -> bool:
+    """A boolean: JSON true/false, or 1/0/true/false in a query string."""
+    raw = source.get(name, False)
+    if isinstance(raw, bool):
+        return raw
+    if str(raw).strip().lower() in ("1", "true"):
+        return True
+    if str(raw).strip().lower() in ("", "0", "false"):
+        return False
+    raise ApiError(400, f"{name} must be true or false, got {str(raw)[:40]!r}")
+
+
+def graph_args(source: dict) -> tuple[float, float, int, bool]:
+    """(res_threshold, block_threshold, max_nodes, below_null) of a graph request."""
+    return (*thresholds(source), max_nodes(source), flag(source, "below_null"))
+
+
+def json_bytes(body: bytes) -> Response:
+    """An answer whose JSON was encoded (and cached) beforehand."""
+    return Response(body, mimetype="application/json")
+
+
 # ---- atlas routes -------------------------------------------------------------------------------
 @bp.get("/overview")
 def overview():
@@ -124,17 +146,22 @@ def feature(fid: str):
 @bp.get("/graph/<path:fid>")
 def graph(fid: str):
     f = feature_id(fid)
-    rt, bt = thresholds(request.args)
-    return jsonify(_view().graph_json(f, rt, bt, max_nodes(request.args)))
+    return json_bytes(_view().graph_bytes(f, *graph_args(request.args)))
+
+
+@bp.get("/share_curves")
+def share_curves():
+    from saeflow.lineage import SCORE_KINDS
+    return json_bytes(_view().share_curves(choice(request.args, "vary", "all",
+                                                  ("all", *SCORE_KINDS))))
 
 
 @bp.get("/export/<path:fid>")
 def export(fid: str):
     f = feature_id(fid)
-    rt, bt = thresholds(request.args)
     view = _view()
     fmt = choice(request.args, "fmt", "json", view.export_formats)
-    body, mimetype, filename = view.export(f, fmt, rt, bt, max_nodes(request.args))
+    body, mimetype, filename = view.export(f, fmt, *graph_args(request.args))
     return Response(body, mimetype=mimetype,
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 

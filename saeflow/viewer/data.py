@@ -8,6 +8,13 @@ searched in place) and, when contexts were computed, of each feature's top activ
 with a few tokens of lead-in. Label hits rank before context hits, earlier-promoted tokens
 before later ones, then by site. A text query stops collecting after ``MAX_HITS`` hits and says
 so. The context index is built in a background thread when the viewer starts.
+
+Lineage classes carry the atlas's names per layer (``Atlas.class_names``): a layer without a
+previous residual SAE has ``no_prev_*`` classes instead of ``newborn_*``/``unexplained``.
+
+Speed: the atlas does not change while the viewer runs, so flow graphs, their encoded JSON
+(graph and layout), searches and share curves are computed once per key and kept in bounded
+caches (``_Memo``); concurrent requests for one key wait for one computation.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +32,7 @@ import numpy as np
 from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD
 from saeflow.layout import KIND_COLORS
 from saeflow.sites import Feature, Site
+from saeflow.thresholds import _span
 
 MAX_HITS = 20_000
 MAX_GRAPH_NODES = 300  # default cap of a traced graph in the viewer (the API allows 1..1000)
@@ -71,6 +80,48 @@ class _Blob:
         return idx[first], (p - self.off[idx])[first]
 
 
+def encode(data) -> bytes:
+    """Compact JSON bytes (what the API sends)."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+class _Memo:
+    """A bounded LRU of computed values. Concurrent ``get``s of one missing key compute it
+    once: the others wait for that result (a failure is recomputed by the next caller)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._data: OrderedDict = OrderedDict()
+        self._busy: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key, make: Callable[[], object]):
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+            event = self._busy.get(key)
+            owner = event is None
+            if owner:
+                event = self._busy[key] = threading.Event()
+        if not owner:
+            event.wait()
+            with self._lock:
+                if key in self._data:
+                    return self._data[key]
+            return make()
+        try:
+            value = make()
+            with self._lock:
+                self._data[key] = value
+                while len(self._data) > self.size:
+                    self._data.popitem(last=False)
+            return value
+        finally:
+            with self._lock:
+                self._busy.pop(key).set()
+
+
 class _Hits:
     """Text-search hits as columns (rank, offset, site, index), sliced into features lazily."""
 
@@ -92,11 +143,17 @@ class AtlasView:
         from saeflow.lineage import CLASSES, COLORS
         self.export_formats = tuple(f for f in FORMATS if f in MIME)
         self.atlas, self.contexts = atlas, contexts
-        self.classes: list[str] = list(CLASSES)
         self.colors: dict[str, str] = dict(COLORS)
         self.widths: dict[Site, int] = atlas.widths
         self.sites: list[Site] = sorted(self.widths)
         self.layers: list[int] = sorted({s.layer for s in self.sites})
+        # class names per residual layer, as the atlas names them (no_prev_* without R_{L-1})
+        self.class_names: dict[int, tuple[str, ...]] = {
+            L: tuple(atlas.class_names(L)) for L in atlas.layers}
+        self.no_previous: list[int] = [L for L in atlas.layers if not atlas.has_previous(L)]
+        present = {c for names in self.class_names.values() for c in names}
+        self.classes: list[str] = [c for c in CLASSES if c in present] + sorted(
+            present - set(CLASSES), key=lambda c: list(COLORS).index(c) if c in COLORS else 99)
         self.kinds: list[str] = sorted({s.kind for s in self.sites},
                                        key=lambda k: ("res", "mlp", "att", "att_z").index(k))
         self._label_blobs: dict[Site, _Blob | None] = {}
@@ -104,11 +161,12 @@ class AtlasView:
         self._context_ready = threading.Event()
         self._stop = threading.Event()
         self._indexer: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._graphs: OrderedDict = OrderedDict()
+        self._graphs = _Memo(256)  # FlowGraph per (feature, thresholds, cap, below_null)
+        self._graph_bytes = _Memo(256)  # the /api/graph answer, encoded
+        self._searches = _Memo(64)
+        self._curves = _Memo(8)
         self._label_cache: dict[Feature, str] = {}
         self._overview: dict | None = None
-        self._searches: OrderedDict = OrderedDict()
         self._render_lock = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
     # ---- identity ----------------------------------------------------------------------------
@@ -125,7 +183,7 @@ class AtlasView:
     def lineage(self, f: Feature) -> str | None:
         if f.kind != "res":
             return None
-        return self.classes[int(self.atlas.lineage_codes(f.layer)[f.index])]
+        return self.class_names[f.layer][int(self.atlas.lineage_codes(f.layer)[f.index])]
 
     def label(self, f: Feature) -> str:
         label = self._label_cache.get(f)
@@ -165,7 +223,7 @@ class AtlasView:
         counts: dict[str, int] = {}
         for s in self.sites:
             counts[s.kind] = counts.get(s.kind, 0) + 1
-        fr = self.atlas.class_fractions()
+        fr = self.atlas.named_fractions()
         return {
             "name": (info.get("suite") or {}).get("name") or self.atlas.root.name,
             "model": info.get("model"), "atlas": str(self.atlas.root),
@@ -173,10 +231,12 @@ class AtlasView:
             "sites": [str(s) for s in self.sites],
             "widths": {str(s): w for s, w in self.widths.items()},
             "n_features": int(sum(self.widths.values())),
-            "classes": self.classes, "colors": self.colors,
+            "classes": self.classes, "colors": self.colors, "no_previous": self.no_previous,
             "class_fractions": {str(L): {c: _num(v) for c, v in d.items()} for L, d in fr.items()},
             "thresholds": {str(L): {k: _num(v) for k, v in t.items()}
                            for L, t in self.atlas.thresholds.items()},
+            "null_thresholds": {str(L): {k: _num(v) for k, v in t.items()}
+                                for L, t in self.atlas.null_thresholds.items()},
             "threshold_rule": info.get("threshold_rule"),
             "settings": {k: v for k, v in info.get("settings", {}).items()},
             "quality": quality,
@@ -253,15 +313,7 @@ class AtlasView:
             total = self._browse_total(sites, lineage)
         else:
             key = (q.lower(), lineage, layer, kind, self._context_ready.is_set())
-            with self._lock:
-                cached = self._searches.get(key)
-            if cached is None:
-                cached = self._query(q, sites, lineage)
-                with self._lock:
-                    self._searches[key] = cached
-                    while len(self._searches) > 64:
-                        self._searches.popitem(last=False)
-            hits, truncated = cached
+            hits, truncated = self._searches.get(key, lambda: self._query(q, sites, lineage))
             total = len(hits)
             page = hits[offset:offset + limit]
         return {"query": q, "total": total, "offset": offset, "limit": limit,
@@ -271,7 +323,9 @@ class AtlasView:
     def _lineage_mask(self, site: Site, lineage: str | None) -> np.ndarray | None:
         if lineage is None:
             return None
-        return np.asarray(self.atlas.lineage_codes(site.layer)) == self.classes.index(lineage)
+        names = self.class_names.get(site.layer, ())
+        codes = np.asarray(self.atlas.lineage_codes(site.layer))
+        return codes == names.index(lineage) if lineage in names else np.zeros(len(codes), bool)
 
     def _browse_total(self, sites: list[Site], lineage: str | None) -> int:
         total = 0
@@ -368,28 +422,36 @@ class AtlasView:
                 "prev": str(f.site.feature(f.index - 1)) if f.index > 0 else None,
                 "next": str(f.site.feature(f.index + 1)) if f.index + 1 < width else None}
 
+    # ---- share curves ------------------------------------------------------------------------
+    def share_curves(self, vary: str = "all") -> bytes:
+        """``Atlas.share_curves`` (the class shares as a threshold sweeps a grid), with each
+        layer's classes under its own names, encoded (cached per ``vary``)."""
+        def make() -> bytes:
+            data = self.atlas.share_curves(vary=vary)
+            data["layers"] = {L: {self.class_names[int(L)][i]: [_num(v) for v in per[c]]
+                                  for i, c in enumerate(data["classes"])}
+                              for L, per in data["layers"].items()}
+            for key in ("thresholds", "null_thresholds"):
+                data[key] = {L: {k: _num(v) for k, v in t.items()} for L, t in data[key].items()}
+            data["classes"] = self.classes
+            return encode(data)
+        return self._curves.get(vary, make)
+
     # ---- graphs -------------------------------------------------------------------------------
     def graph(self, f: Feature, res_threshold: float = RES_THRESHOLD,
               block_threshold: float = BLOCK_THRESHOLD,
-              max_nodes: int = MAX_GRAPH_NODES):
+              max_nodes: int = MAX_GRAPH_NODES, below_null: bool = False):
         """The traced flow graph (cached); it stops growing at ``max_nodes`` (then its
         ``settings["truncated"]`` is true): larger graphs are slow to trace and unreadable."""
         from saeflow.flow import trace
-        key = (f, round(res_threshold, 4), round(block_threshold, 4), max_nodes)
-        with self._lock:
-            g = self._graphs.get(key)
-        if g is None:
-            g = trace(self.atlas, f, res_threshold, block_threshold, max_nodes=max_nodes)
-            with self._lock:
-                self._graphs[key] = g
-                while len(self._graphs) > 128:
-                    self._graphs.popitem(last=False)
-        return g
+        key = (f, round(res_threshold, 4), round(block_threshold, 4), max_nodes, below_null)
+        return self._graphs.get(key, lambda: trace(self.atlas, f, res_threshold, block_threshold,
+                                                   max_nodes=max_nodes, below_null=below_null))
 
     def graph_json(self, f: Feature, res_threshold: float, block_threshold: float,
-                   max_nodes: int = MAX_GRAPH_NODES) -> dict:
+                   max_nodes: int = MAX_GRAPH_NODES, below_null: bool = False) -> dict:
         from saeflow.layout import layout
-        graph = self.graph(f, res_threshold, block_threshold, max_nodes)
+        graph = self.graph(f, res_threshold, block_threshold, max_nodes, below_null)
         data = graph.to_json()
         data["layout"] = layout(graph).to_json()  # the positions the SVG/PNG export uses
         for n in data["nodes"]:
@@ -398,12 +460,46 @@ class AtlasView:
         for e in data["edges"]:
             e["cos"] = _num(e["cos"])
         data["formats"] = list(self.export_formats)
+        data["notes"] = self.threshold_notes(graph)
         return data
 
+    def graph_bytes(self, f: Feature, res_threshold: float, block_threshold: float,
+                    max_nodes: int = MAX_GRAPH_NODES, below_null: bool = False) -> bytes:
+        """``graph_json`` encoded, cached: the answer of ``/api/graph``."""
+        key = (f, round(res_threshold, 4), round(block_threshold, 4), max_nodes, below_null)
+        return self._graph_bytes.get(key, lambda: encode(self.graph_json(
+            f, res_threshold, block_threshold, max_nodes, below_null)))
+
+    def threshold_notes(self, graph) -> list[str]:
+        """What the page should say about the thresholds of ``graph``: where the user's numbers
+        are below a layer's null (and so were raised to the atlas's rule, or, with
+        ``below_null``, admit chance matches: ``trace``'s warnings)."""
+        st = graph.settings
+        notes = list(st.get("warnings") or [])
+        if st.get("below_null"):
+            return notes
+        nulls = self.atlas.null_thresholds
+        layers = [L for L in graph.layers if L in nulls] or \
+            [L for L in self.layers if L in nulls]
+        asked = {"res": st.get("res_threshold"), "mlp": st.get("block_threshold"),
+                 "att": st.get("block_threshold")}
+        for kind, what in (("res", "residual chain s(R)"), ("mlp", "MLP s(M)"),
+                           ("att", "attention s(A)")):
+            low = [L for L in layers if asked[kind] is not None
+                   and math.isfinite(nulls[L].get(kind, math.nan))
+                   and asked[kind] < nulls[L][kind]]
+            if low:
+                hi = max(nulls[L][kind] for L in low)
+                notes.append(f"{what} {asked[kind]:.2f} is below the null (up to {hi:.2f}) "
+                             f"at layers {_span(low)}: there the graph keeps only "
+                             "links above the null, by the atlas's rule (tick 'below null' "
+                             "to admit chance-level links)")
+        return notes
+
     def export(self, f: Feature, fmt: str, res_threshold: float, block_threshold: float,
-               max_nodes: int = MAX_GRAPH_NODES):
+               max_nodes: int = MAX_GRAPH_NODES, below_null: bool = False):
         from saeflow.export import render
-        graph = self.graph(f, res_threshold, block_threshold, max_nodes)
+        graph = self.graph(f, res_threshold, block_threshold, max_nodes, below_null)
         with self._render_lock:
             body = render(graph, fmt)
         mime, ext = MIME[fmt]
