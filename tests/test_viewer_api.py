@@ -439,6 +439,38 @@ def test_steering_job_runs_the_plan_and_loads_the_model_once(client, setup, load
     assert get(client, "/api/status")["steering"]["model_loaded"] is True
 
 
+def test_steering_from_a_token_index_on(client, setup):
+    """steering-vectors' "only generated tokens": the plan's token window, as saeflow.steer
+    applies it."""
+    import dataclasses
+
+    from saeflow.flow import trace
+    from saeflow.steer import generate, plan_from_graph
+    atlas, suite, lm, _ = setup
+    plan = plan_from_graph(trace(atlas, "2/res/3"), coefficient=6.0)
+    body = {**STEER, "coefficient": 6.0}
+    gen = wait_job(client, client.post("/api/steer", json={**body, "generated_only": True})
+                   .get_json()["id"])
+    assert gen["status"] == "done", gen["error"]
+    assert gen["window"] == {"from_token": 0, "generated_only": True}
+    want = generate(lm, "The wedding", dataclasses.replace(plan, generated_only=True), 6,
+                    suite=suite, greedy=True)[0].text
+    every = generate(lm, "The wedding", plan, 6, suite=suite, greedy=True)[0].text
+    assert gen["steered"] == want != every
+    # the first new token is drawn from unsteered states
+    assert lm.tokenizer(gen["steered"])["input_ids"][:1] == \
+        lm.tokenizer(gen["unsteered"])["input_ids"][:1]
+    late = wait_job(client, client.post("/api/steer", json={**body, "from_token": 5})
+                    .get_json()["id"])
+    assert late["steered"] == generate(lm, "The wedding", dataclasses.replace(plan, from_token=5),
+                                       6, suite=suite, greedy=True)[0].text
+    never = wait_job(client, client.post("/api/steer", json={**body, "from_token": 10_000})
+                     .get_json()["id"])
+    assert never["steered"] == never["unsteered"]  # no token is that far in
+    for bad in ({"from_token": -1}, {"from_token": "x"}, {"generated_only": "maybe"}):
+        assert client.post("/api/steer", json={**body, **bad}).status_code == 400
+
+
 def test_steering_with_picked_nodes(client, setup):
     job = wait_job(client, client.post("/api/steer", json={
         **STEER, "features": ["1/res/21", "2/mlp/47"], "coefficient": 3.0,

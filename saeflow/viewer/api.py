@@ -206,7 +206,7 @@ def _steer_fields(body: dict) -> dict:
     layer = number(body, "layer", None, 0, max(view.layers), int)
     return dict(
         prompt=prompt, features=feats, seed=feature_id(str(seed)) if seed is not None else None,
-        res_threshold=rt, block_threshold=bt,
+        res_threshold=rt, block_threshold=bt, below_null=flag(body, "below_null"),
         action=choice(body, "action", "activate", ACTIONS),
         mode=choice(body, "mode", "cumulative", MODES), layer=layer,
         schedule=choice(body, "schedule", "constant", SCHEDULES),
@@ -218,7 +218,9 @@ def _steer_fields(body: dict) -> dict:
         random_seed=number(body, "random_seed", 0, 0, 2**31 - 1, int),
         temperature=number(body, "temperature", 1.27, 0.01, 5.0),
         top_p=number(body, "top_p", 0.7, 0.01, 1.0),
-        greedy=bool(choice(body, "greedy", False, (True, False))))
+        greedy=bool(choice(body, "greedy", False, (True, False))),
+        from_token=number(body, "from_token", 0, 0, 100_000, int),
+        generated_only=flag(body, "generated_only"))
 
 
 @bp.post("/themes")

@@ -9,6 +9,10 @@ its text grows on the job through a transformers streamer, and a stopping criter
 generation at the next token when the job is cancelled (the viewer is shutting down); neither
 touches the model's hooks.
 
+Token window (steering-vectors' ``min_token_index``): ``from_token`` steers only positions
+>= N, ``generated_only`` only the generated tokens (``SteeringPlan.from_token`` and
+``generated_only``); the default steers every token.
+
 Magnitude default: ``res_norm`` (a coefficient is a fraction of the layer's typical residual
 norm, as in ``saeflow steer``) when corpus text is available to measure norms, else ``none``.
 Measured magnitudes are cached per feature for the viewer's lifetime.
@@ -16,6 +20,7 @@ Measured magnitudes are cached per feature for the viewer's lifetime.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +38,7 @@ class SteerRequest:
     seed: Feature | None = None
     res_threshold: float = RES_THRESHOLD
     block_threshold: float = BLOCK_THRESHOLD
+    below_null: bool = False  # the graph admits links below their layer's null
     action: str = "activate"
     mode: str = "cumulative"
     layer: int | None = None
@@ -46,6 +52,8 @@ class SteerRequest:
     temperature: float = 1.27
     top_p: float = 0.7
     greedy: bool = False
+    from_token: int = 0  # steer only positions >= from_token
+    generated_only: bool = False  # steer only the generated tokens
 
 
 class SteeringService:
@@ -81,8 +89,8 @@ class SteeringService:
 
         if req.schedule == "linear" and req.end_coefficient is None:
             raise ValueError("the linear schedule needs end_coefficient")
-        graph = self.view.graph(req.seed, req.res_threshold, req.block_threshold) \
-            if req.seed is not None else None
+        graph = self.view.graph(req.seed, req.res_threshold, req.block_threshold,
+                                below_null=req.below_null) if req.seed is not None else None
         if req.features:
             known = {n.feature: n for n in graph.nodes} if graph is not None else {}
             nodes = [known.get(f) or FlowNode(f, self.view.lineage(f), self.view.label(f), 0.0)
@@ -94,9 +102,11 @@ class SteeringService:
             seed = req.seed if req.seed is not None and req.seed in picked else \
                 next(n.feature for n in nodes if n.feature.layer == top)
             graph = FlowGraph(seed=seed, nodes=nodes, edges=edges)
-        return plan_from_graph(graph, mode=req.mode, layer=req.layer, schedule=req.schedule,
+        plan = plan_from_graph(graph, mode=req.mode, layer=req.layer, schedule=req.schedule,
                                coefficient=req.coefficient, alpha=req.alpha,
                                end_coefficient=req.end_coefficient, action=req.action)
+        return dataclasses.replace(plan, from_token=req.from_token,
+                                   generated_only=req.generated_only)
 
     def submit(self, req: SteerRequest, plan) -> Job:
         """Queue the job of a request whose ``plan`` was built (raises ``QueueFull``)."""
@@ -104,6 +114,7 @@ class SteeringService:
         job.update(request={k: (str(v) if isinstance(v, Feature) else v)
                             for k, v in vars(req).items() if k != "features"},
                    plan=[{"feature": str(f), "coefficient": c} for f, c in plan.terms],
+                   window={"from_token": plan.from_token, "generated_only": plan.generated_only},
                    progress={"done": 0, "total": 2 * req.max_new_tokens, "phase": ""},
                    unsteered="", steered="")
         return job
@@ -143,7 +154,7 @@ class SteeringService:
         return list(self._texts)
 
     def _with_magnitudes(self, plan, lm, suite, how: str | None):
-        from saeflow.steer import SteeringPlan, feature_magnitudes
+        from saeflow.steer import feature_magnitudes
         if plan.action != "activate":
             return plan, "none"
         texts = self._texts_for_magnitudes()
@@ -153,7 +164,8 @@ class SteeringService:
             found = feature_magnitudes(lm, suite, missing, how, texts=texts)
             self._magnitudes.update({(how, f): m for f, m in found.items()})
         mags = {f: self._magnitudes[(how, f)] for f in plan.features}
-        return SteeringPlan(plan.terms, plan.action, mags, {**plan.info, "magnitude": how}), how
+        return dataclasses.replace(plan, magnitudes=mags,
+                                   info={**plan.info, "magnitude": how}), how
 
     def _run(self, job: Job, resources, req: SteerRequest, plan) -> None:
         from saeflow.steer import generate
