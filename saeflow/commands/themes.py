@@ -34,29 +34,38 @@ def run(args) -> int:
 
     from saeflow.catalog import open_suite
     from saeflow.recipes.steering import read_examples
-    from saeflow.themes import build_theme, rank_features
+    from saeflow.themes import build_theme, rank_features, theme_embedder
+    examples = read_examples(args.examples)
+    embed = theme_embedder(examples)  # one embedder for retrieval and the seeds' relevance
     suite, lm = open_suite(args.suite, args.model, args.device, args.dtype)
     atlas = None
     if args.atlas:
         from saeflow.atlas import Atlas
         atlas = Atlas.load(args.atlas)
-    theme = build_theme(args.theme, read_examples(args.examples), source=args.source,
-                        n_theme=args.n_theme, n_background=args.n_background)
-    ranked = rank_features(lm, suite, theme, site=args.site, top=args.top, atlas=atlas)
+    theme = build_theme(args.theme, examples, source=args.source, n_theme=args.n_theme,
+                        n_background=args.n_background, embed=embed)
+    ranked = rank_features(lm, suite, theme, site=args.site, top=args.top, atlas=atlas,
+                           embed=embed)
     if args.json:
-        print(json.dumps([{**r._asdict(), "feature": str(r.feature)} for r in ranked], indent=2))
+        print(json.dumps([r.evidence() for r in ranked], indent=2))
         return 0
     if args.show_texts:
         print(f"theme paragraphs ({len(theme.texts)}):")
         for t, s in zip(theme.texts, theme.similarities):
             print(f"  [{s:.2f}] {t[:110]}")
         print()
+    info = theme.retrieval
+    found = (f"; {info['embedded']:,} of {info['corpus']:,} corpus paragraphs embedded"
+             if info.get("method") in ("shortlist", "exact") else "")
     print(f"features of {args.theme!r} at {ranked[0].feature.site} ({len(theme.texts)} theme vs "
-          f"{len(theme.background)} background paragraphs)")
-    print(f"{'feature':<14} {'t':>6} {'theme':>7} {'backgr':>7} {'fires':>9}  "
+          f"{len(theme.background)} background paragraphs{found})")
+    print("ordered by seed score = t x max(0, 2 specificity - 1) x relevance"
+          + ("" if embed else " (relevance left out: no sentence embedder installed)"))
+    print(f"{'feature':<14} {'seed':>6} {'t':>6} {'spec':>5} {'relev':>5} {'fires':>9}  "
           f"{'top token':<12} label")
     for r in ranked:
-        print(f"{str(r.feature):<14} {r.score:6.2f} {r.theme_mean:7.3f} {r.background_mean:7.3f} "
-              f"{r.theme_frac:4.0%}/{r.background_frac:<4.0%} {r.top_token.strip()[:12]!r:<12} "
-              f"{r.label}")
+        rel = "-" if r.relevance != r.relevance else f"{r.relevance:.2f}"
+        print(f"{str(r.feature):<14} {r.seed_score:6.2f} {r.score:6.2f} {r.specificity:5.2f} "
+              f"{rel:>5} {r.theme_frac:4.0%}/{r.background_frac:<4.0%} "
+              f"{r.top_token.strip()[:12]!r:<12} {r.label}")
     return 0
