@@ -463,10 +463,13 @@ def pearson_predecessors(lm, suite, corr_ids, present: dict[int, np.ndarray], n_
 
 def run_deactivation(lm, suite, ids: Sequence[Tensor], corr_ids: Sequence[Tensor] | None,
                      cfg: DeactivationConfig, checkpoint_dir: str | Path | None = None,
-                     progress: bool = True) -> DeactivationResult:
+                     progress: bool = True, only_layer: int | None = None,
+                     fan_out=None) -> DeactivationResult:
     """The experiment over token-id sequences ``ids`` (``corr_ids``: separate texts for the
     Pearson baseline). With ``checkpoint_dir`` each finished layer is saved there and a re-run
-    with the same settings and texts resumes."""
+    with the same settings and texts resumes. ``only_layer``: that layer of ``cfg.layers``,
+    exactly as the whole run makes it (no checkpoint). ``fan_out(layers)`` (the Ray back end)
+    yields ``(layer, (pairs, info))`` for the layers not checkpointed yet, in any order."""
     import time
 
     from tqdm.auto import tqdm
@@ -496,7 +499,18 @@ def run_deactivation(lm, suite, ids: Sequence[Tensor], corr_ids: Sequence[Tensor
         if f and f.exists() and (data := json.loads(f.read_text())).get("fingerprint") == fps[L]:
             done[L] = ([PairOutcome(*p) for p in data["pairs"]], data["info"])
     todo = [L for L in cfg.layers if L not in done]
-    if todo:
+    if only_layer is not None:
+        todo, ckpt, done = [only_layer], None, {}
+
+    def finish(L, pairs, info):
+        done[L] = (pairs, info)
+        if ckpt:
+            write_json_atomic(ckpt / f"layer-{L}.json", {"fingerprint": fps[L], "info": info,
+                                                         "pairs": [list(p) for p in pairs]})
+    if todo and fan_out is not None:
+        for L, (pairs, info) in fan_out(todo):
+            finish(L, pairs, info)
+    elif todo:
         prev, rows = _collect(lm, suite, ids, samples, todo)
         corr = {L: {} for L in todo}
         if "pearson" in cfg.strategies:
@@ -508,12 +522,10 @@ def run_deactivation(lm, suite, ids: Sequence[Tensor], corr_ids: Sequence[Tensor
             pairs, info = _run_layer(lm, suite, L, samples, prev[L], rows, corr[L], cfg, cap,
                                      progress)
             info["seconds"] = round(time.perf_counter() - t0, 2)
-            done[L] = (pairs, info)
-            if ckpt:
-                write_json_atomic(ckpt / f"layer-{L}.json", {"fingerprint": fps[L], "info": info,
-                                                             "pairs": [list(p) for p in pairs]})
-    pairs = [p for L in cfg.layers for p in done[L][0]]
+            finish(L, pairs, info)
+    layers = [L for L in cfg.layers if L in done]
+    pairs = [p for L in layers for p in done[L][0]]
     info = {"settings": asdict(cfg), "suite": suite.name, "model": lm.name,
             "texts": len(ids), "corr_texts": len(corr_ids or []), "samples": len(samples),
-            "layers": {str(L): done[L][1] for L in cfg.layers}}
+            "layers": {str(L): done[L][1] for L in layers}}
     return DeactivationResult(pairs=pairs, summary=summarize(pairs), info=info)

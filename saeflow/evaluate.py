@@ -250,37 +250,57 @@ def _open_state(out: Path, theme, cfg, setup, rescore, topic, coherence) -> dict
     return state
 
 
+def generate_cell(lm, suite, theme, graph, cfg, magnitudes, prompts, seeds, cell) -> tuple:
+    """The unscored generations of one cell ``(key, mode, layer, coefficient)``: (records,
+    number of plan terms, added norm, seconds). Cells are independent (each generation is
+    seeded by its prompt, seed and sample), so any worker may run any cell."""
+    t0 = time.perf_counter()
+    _, mode, layer, coef = cell
+    plan, ps, norm = None, list(prompts), None
+    if mode == "prompt":
+        ps = [cfg.baseline_prompt.format(theme=theme, prompt=p) for p in prompts]
+    elif mode != "none":
+        plan = cell_plan(graph, cfg, mode, layer, coef, magnitudes, lm, suite)
+        norm = added_norm(plan, lm, suite) if cfg.action == "activate" else None
+    recs = _generate(lm, suite, plan, ps, list(prompts), seeds, cfg)
+    return recs, 0 if plan is None else len(plan.terms), norm, time.perf_counter() - t0
+
+
 def _run_cells(state, part, todo, lm, suite, theme, graph, cfg, out, topic, coherence,
-               magnitudes, prompts, seeds, desc) -> None:
+               magnitudes, prompts, seeds, desc, order, fan_out=None) -> None:
+    """Run the cells ``todo``, each scored and saved as it finishes. ``fan_out(fn, args,
+    cells)`` (the Ray back end) yields ``(cell, fn(lm, suite, *args, cell))`` in any order;
+    ``order`` (keys) keeps the saved cells in sweep order either way."""
     from tqdm.auto import tqdm
 
     from saeflow.io import write_json_atomic
-    for key, mode, layer, coef in tqdm(todo, desc=desc, unit="cell"):
+    args = (theme, graph, cfg, magnitudes, tuple(prompts), tuple(seeds))
+    made = (fan_out(generate_cell, args, todo) if fan_out is not None else
+            ((c, generate_cell(lm, suite, *args, c)) for c in tqdm(todo, desc=desc, unit="cell")))
+    rank = {k: i for i, k in enumerate(order)}
+    for (key, mode, layer, coef), (recs, n_features, norm, seconds) in made:
         t0 = time.perf_counter()
-        plan, ps, norm = None, list(prompts), None
-        if mode == "prompt":
-            ps = [cfg.baseline_prompt.format(theme=theme, prompt=p) for p in prompts]
-        elif mode != "none":
-            plan = cell_plan(graph, cfg, mode, layer, coef, magnitudes, lm, suite)
-            norm = added_norm(plan, lm, suite) if cfg.action == "activate" else None
-        recs = _generate(lm, suite, plan, ps, list(prompts), seeds, cfg)
         score_records(recs, topic, coherence, cfg.action)
-        res = _cell(theme, key, mode, layer, coef, 0 if plan is None else len(plan.terms), recs,
-                    time.perf_counter() - t0, cfg.action, norm,
+        res = _cell(theme, key, mode, layer, coef, n_features, recs,
+                    seconds + time.perf_counter() - t0, cfg.action, norm,
                     "report" if part == "heldout" else "selection")
         state[part][key] = {**res.row(), "generations": recs}
+        state[part] = dict(sorted(state[part].items(), key=lambda kv: rank.get(kv[0], -1)))
         write_json_atomic(out, state)
 
 
 def run_sweep(lm, suite, theme: str, graph, cfg: SweepConfig, out: Path, topic: TopicScorer,
               coherence: CoherenceScorer, magnitudes: dict | None = None, setup: dict | None = None,
-              rescore: bool = False) -> list[CellResult]:
+              rescore: bool = False, fan_out=None) -> list[CellResult]:
     """Stage 1: run (or resume) every cell of ``cfg`` on the selection prompts and seeds;
-    results go to ``out`` (JSON). ``rescore`` first recomputes the saved cells' scores."""
+    results go to ``out`` (JSON). ``rescore`` first recomputes the saved cells' scores;
+    ``fan_out`` generates the cells elsewhere (``_run_cells``)."""
     state = _open_state(out, theme, cfg, setup, rescore, topic, coherence)
-    todo = [c for c in cells(cfg) if c[0] not in state["cells"]]
+    every = cells(cfg)
+    todo = [c for c in every if c[0] not in state["cells"]]
     _run_cells(state, "cells", todo, lm, suite, theme, graph, cfg, out, topic, coherence,
-               magnitudes, cfg.prompts, cfg.seeds, f"steer-eval {theme}")
+               magnitudes, cfg.prompts, cfg.seeds, f"steer-eval {theme}",
+               [c[0] for c in every], fan_out)
     return load_results(out)
 
 
@@ -297,10 +317,11 @@ def best_cells(results: Sequence[CellResult]) -> dict[str, CellResult]:
 
 def run_heldout(lm, suite, theme: str, graph, cfg: SweepConfig, out: Path, topic: TopicScorer,
                 coherence: CoherenceScorer, magnitudes: dict | None = None,
-                judge_fn: Callable[[str], tuple[float, float]] | None = None
+                judge_fn: Callable[[str], tuple[float, float]] | None = None, fan_out=None
                 ) -> list[CellResult]:
     """Stage 2: the baselines and each mode's best stage-1 cell again on the report prompts and
-    seeds (resumable, in the same ``out``); with ``judge_fn``, ``validate_with_judge``."""
+    seeds (resumable, in the same ``out``); with ``judge_fn``, ``validate_with_judge``;
+    ``fan_out`` as for ``run_sweep``."""
     from saeflow.io import write_json_atomic
     state = json.loads(Path(out).read_text())
     chosen = best_cells(load_results(out))
@@ -308,7 +329,8 @@ def run_heldout(lm, suite, theme: str, graph, cfg: SweepConfig, out: Path, topic
         [(r.cell, r.mode, r.layer, r.coefficient) for r in chosen.values()]
     todo = [c for c in want if c[0] not in state["heldout"]]
     _run_cells(state, "heldout", todo, lm, suite, theme, graph, cfg, out, topic, coherence,
-               magnitudes, cfg.report_prompts, cfg.report_seeds, f"held-out {theme}")
+               magnitudes, cfg.report_prompts, cfg.report_seeds, f"held-out {theme}",
+               [c[0] for c in want], fan_out)
     if judge_fn is not None and cfg.judge_sample > 0:
         state["judge_validation"] = validate_with_judge(
             [g for c in state["heldout"].values() for g in c["generations"]], judge_fn,

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/pip --disable-pip-version-check -q"
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+[ "${1:-}" = "--test" ] && extras="[test,ray]"  # the Ray back end's tests run in CI
 # torch is pinned in the same call as everything that depends on it, so nothing pulls a CUDA build.
 $PIP install "torch==2.13.0" -e ".${extras}"
 # Data-only wheels: their own dependencies (llama.cpp bindings, a voice-assistant framework) are

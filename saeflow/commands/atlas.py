@@ -1,13 +1,22 @@
 """``saeflow atlas SUITE``: compute (or resume) a suite's flow atlas, print its lineage table
-and write the stacked lineage plot."""
+and write the atlas plot."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from saeflow.commands import add_model_args
+from saeflow.commands import add_model_args, from_args
 from saeflow.recipes.atlas import AtlasOptions
+
+
+def add_ray_arg(p: argparse.ArgumentParser, units: str) -> None:
+    """``--ray [ADDRESS]``, the same on every command that fans its units out."""
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"run the {units} as Ray tasks (pip install 'saeflow[ray]'): alone, on "
+                        "a Ray started on this machine; 'auto' or HOST:PORT, on a running "
+                        "cluster (ray start --head). Results equal the local run's; a killed "
+                        "run resumes")
 
 
 def add(subparsers) -> None:
@@ -24,7 +33,21 @@ def add(subparsers) -> None:
                    help="override the null rule: a number (all scores), res=0.5,mlp=0.2,att=0.2, "
                         "or a .json file with per-layer values {\"12\": 0.4, ...}")
     p.add_argument("--quantile", type=float, default=d.quantile,
-                   help="quantile of the rotated-decoder null that counts as high (default "
+                   help="quantile of the null that counts as high (default %(default)s)")
+    p.add_argument("--null", default=d.null, choices=["gaussian", "rotation", "reference"],
+                   help="the null distribution of scores (default %(default)s; reference needs "
+                        "--null-suite)")
+    p.add_argument("--min-cos", type=float, default=d.min_cos,
+                   help="the minimum effect size: no threshold below this cosine (default "
+                        "%(default)s)")
+    p.add_argument("--null-suite", default=d.null_suite,
+                   help="a suite with SAEs of the same residual sites trained with another seed "
+                        "(the reference null)")
+    p.add_argument("--calibrate", default=d.calibrate, metavar="DEACTIVATION",
+                   help="thresholds calibrated on a deactivation run: the folder `saeflow "
+                        "deactivate --out` wrote, or its pairs.csv")
+    p.add_argument("--calibrate-level", type=float, default=d.calibrate_level,
+                   help="the top-1 success rate the calibrated threshold reaches (default "
                         "%(default)s)")
     p.add_argument("--k", type=int, default=d.k, help="matches stored per feature (%(default)s)")
     p.add_argument("--block", type=int, default=d.block, help="tile size of the blocked matmul")
@@ -36,29 +59,29 @@ def add(subparsers) -> None:
                    help="skip promoted-token labels (then no model is loaded unless att_z SAEs "
                         "need it)")
     p.add_argument("--plot", default=None, help="where to write the PNG (default OUT/lineage.png)")
+    add_ray_arg(p, "layers' matching")
     add_model_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from saeflow.catalog import load_suite
-    from saeflow.lineage import fraction_table, plot_fractions
+    from saeflow.lineage import fraction_table
     from saeflow.recipes.atlas import atlas_model, build_atlas
+    from saeflow.recipes.distribute import SuiteLoader
 
-    opts = AtlasOptions(k=args.k, block=args.block, precision=args.precision,
-                        null_samples=args.null_samples, quantile=args.quantile,
-                        thresholds=args.thresholds, labels=not args.no_labels)
+    opts = from_args(AtlasOptions, args, labels=not args.no_labels)
     suite = load_suite(args.suite, model=args.model)
     lm = atlas_model(suite, opts.labels, device=args.device, dtype=args.dtype)
-    atlas, seconds = build_atlas(suite, opts, lm, out=args.out)
-    fr = atlas.class_fractions()
+    loader = SuiteLoader(args.suite, args.model, args.device, args.dtype, lm=None)
+    atlas, seconds = build_atlas(suite, opts, lm, out=args.out, loader=loader)
     s = atlas.info["settings"]
     print(f"atlas of {suite.name} ({len(atlas.sites)} sites, layers {atlas.layers[0]}.."
           f"{atlas.layers[-1]}) in {atlas.root}  [{seconds:.1f} s; matching "
           f"{atlas.info['match_seconds']:.1f} s in {s['precision']}; k={s['k']}]")
     print(f"thresholds: {atlas.info['threshold_rule']}")
-    print(fraction_table(fr, atlas.thresholds))
+    print(fraction_table(atlas.class_fractions(), atlas.thresholds))
     plot = Path(args.plot) if args.plot else atlas.root / "lineage.png"
-    plot_fractions(fr, plot, title=f"Lineage of residual features: {suite.name}")
+    atlas.plot(plot, title=f"Lineage of residual features: {suite.name}")
     print(f"plot: {plot}")
     return 0

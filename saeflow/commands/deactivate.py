@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from saeflow.commands import add_model_args, joined, numbers
+from saeflow.commands.atlas import add_ray_arg
 from saeflow.deactivate import STRATEGIES, DeactivationConfig
 from saeflow.recipes.deactivation import DeactivationRun
 
@@ -49,6 +50,7 @@ def add(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=r.out, help="output folder (default ./%(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    add_ray_arg(p, "target layers")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -56,10 +58,10 @@ def add(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from saeflow.catalog import load_suite
-    from saeflow.models import load_model
+    from saeflow.catalog import open_suite
     from saeflow.recipes.deactivation import (format_table, run_deactivation_check,
                                               save_deactivation)
+    from saeflow.recipes.distribute import SuiteLoader
 
     cfg = DeactivationConfig(layers=numbers(args.layers, "--layers", int),
                              strategies=tuple(s.strip() for s in args.strategies.split(",")
@@ -68,14 +70,11 @@ def run(args: argparse.Namespace) -> int:
                              max_len=args.max_len, max_pairs=args.max_pairs,
                              corr_tokens=args.corr_tokens, seed=args.seed)
     run = DeactivationRun(cfg, texts=args.texts, corr_texts=args.corr_texts,
-                          n_texts=args.n_texts, out=args.out, plots=not args.no_plots)
-    suite = load_suite(args.suite)
-    if args.model:
-        lm = load_model(args.model, device=args.device, dtype=args.dtype)
-        suite.check_widths(lm)
-    else:
-        lm = suite.load_model(device=args.device, dtype=args.dtype)
-    result = run_deactivation_check(run, suite, lm)
+                          n_texts=args.n_texts, out=args.out, plots=not args.no_plots,
+                          ray=args.ray)
+    suite, lm = open_suite(args.suite, args.model, args.device, args.dtype)
+    result = run_deactivation_check(run, suite, lm, loader=SuiteLoader(
+        args.suite, args.model, args.device, args.dtype))
     print(format_table(result.summary, cfg.layers, result.info))
     for info in result.info["layers"].values():
         for note in info["notes"]:

@@ -6,6 +6,7 @@ held-out prompts and seeds. Re-running the same command resumes where it stopped
 from __future__ import annotations
 
 from saeflow.commands import add_model_args, from_args, joined, numbers
+from saeflow.commands.atlas import add_ray_arg
 from saeflow.commands.steer import add_plan_args
 from saeflow.recipes.steer_eval import SteerEvalConfig
 from saeflow.recipes.steering import PlanOptions
@@ -61,6 +62,7 @@ def add(subparsers) -> None:
                    help="OpenAI-compatible endpoint for an optional LLM judge (API key from "
                         "$SAEFLOW_JUDGE_API_KEY if set)")
     p.add_argument("--judge-model", default=d.judge_model, help="model name for the judge")
+    add_ray_arg(p, "cells")
     add_plan_args(p)
     add_model_args(p)
     p.set_defaults(func=run)
@@ -83,10 +85,12 @@ def config(args) -> SteerEvalConfig:
 
 def run(args) -> int:
     from saeflow.catalog import atlas_for, open_suite
+    from saeflow.recipes.distribute import SuiteLoader
     from saeflow.recipes.steer_eval import format_comparison, format_rows, run_steer_eval
     cfg = config(args)
     suite, lm = open_suite(args.suite, args.model, args.device, args.dtype)
-    result = run_steer_eval(cfg, suite, lm, atlas_for(suite, lm, cfg.plan.atlas))
+    result = run_steer_eval(cfg, suite, lm, atlas_for(suite, lm, cfg.plan.atlas),
+                            loader=SuiteLoader(args.suite, args.model, args.device, args.dtype))
     print("\n" + format_rows(result.rows))
     print("\n" + format_comparison(result.comparison))
     out = result.out

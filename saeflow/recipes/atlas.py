@@ -1,6 +1,8 @@
 """An atlas run (``saeflow atlas``; the atlas itself is ``saeflow.atlas``): the model it needs
 (for promoted-token labels, and for att_z SAEs whose decoders reach the residual basis through
-W_O), the computation into a folder or the cache, and its timing."""
+W_O), the threshold rule (null, minimum cosine, a reference suite, a calibration from a
+deactivation run), the computation into a folder or the cache (the layers' matching on Ray
+with ``ray``, ``recipes.distribute``), and its timing."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import NamedTuple
 from typing import TYPE_CHECKING
 
 from saeflow.atlas import DEFAULT_K, Atlas
-from saeflow.lineage import DEFAULT_NULL_SAMPLES, DEFAULT_QUANTILE, parse_threshold_spec
+from saeflow.lineage import (DEFAULT_MIN_COS, DEFAULT_NULL, DEFAULT_NULL_SAMPLES,
+                             DEFAULT_QUANTILE, parse_threshold_spec)
 from saeflow.match import DEFAULT_BLOCK
 
 if TYPE_CHECKING:
@@ -29,9 +32,26 @@ class AtlasOptions:
     quantile: float = DEFAULT_QUANTILE
     thresholds: str | None = None  # a threshold override (``lineage.parse_threshold_spec``)
     labels: bool = True
+    null: str = DEFAULT_NULL  # gaussian | rotation | reference (needs null_suite)
+    min_cos: float = DEFAULT_MIN_COS  # the minimum effect size: no threshold below it
+    null_suite: str | None = None  # a suite (name or path): same sites, another training seed
+    calibrate: str | None = None  # a deactivation result (its folder or pairs.csv)
+    calibrate_level: float = 0.5  # the top-1 success rate the calibrated threshold reaches
+    ray: str | None = None  # the layers' matching on Ray: "local", "auto" or an address
 
     def __post_init__(self):
+        from saeflow.nulls import NULLS
         parse_threshold_spec(self.thresholds)  # a bad override fails before anything loads
+        if self.null not in NULLS:
+            raise ValueError(f"--null: unknown null {self.null!r}; known: {', '.join(NULLS)}")
+        if self.null == "reference" and not self.null_suite:
+            raise ValueError("--null reference needs --null-suite: SAEs of the same residual "
+                             "sites trained with another seed")
+        if not -1.0 <= self.min_cos <= 1.0:
+            raise ValueError(f"--min-cos is a cosine, between -1 and 1; got {self.min_cos}")
+        if not 0.0 < self.calibrate_level <= 1.0:
+            raise ValueError(f"--calibrate-level is a success rate in (0, 1], got "
+                             f"{self.calibrate_level}")
 
 
 class AtlasRun(NamedTuple):
@@ -56,17 +76,39 @@ def atlas_model(suite: Suite, labels: bool, device: str = "cpu",
 
 
 def build_atlas(suite: Suite, opts: AtlasOptions, lm: LM | None = None,
-                out: str | Path | None = None) -> AtlasRun:
-    """Compute (or resume) the atlas into ``out``, or into / from the cache without one."""
+                out: str | Path | None = None, loader=None) -> AtlasRun:
+    """Compute (or resume) the atlas into ``out``, or into / from the cache without one. With
+    ``opts.ray`` the layers' matching runs on Ray workers, which open the suite (and the model,
+    for att_z SAEs) with ``loader`` (``distribute.SuiteLoader``; default: ship them); labels
+    and the classification are computed here."""
     from saeflow.atlas import compute_atlas, ensure_atlas
     thresholds = parse_threshold_spec(opts.thresholds)
     t0 = time.perf_counter()
+    null_suite = calibration = None
+    if opts.null_suite:
+        from saeflow.catalog import load_suite
+        null_suite = load_suite(opts.null_suite)
+    if opts.calibrate:
+        from saeflow.thresholds import calibrate
+        calibration = calibrate(opts.calibrate, opts.calibrate_level)
+    if opts.ray is not None:
+        from saeflow.catalog import cached_atlas_dir
+        from saeflow.recipes.distribute import Given, Pool, atlas_layers
+        att_z = any(s.kind == "att_z" for s in suite.sites())
+        pool = Pool(opts.ray, loader or Given(lm if att_z else None, suite))
+        atlas_layers(pool, suite, out or cached_atlas_dir(suite), k=opts.k, block=opts.block,
+                     precision=opts.precision, null_samples=opts.null_samples,
+                     null_suite=null_suite, cache=not out)
     if out:
         atlas = compute_atlas(suite, out, lm, k=opts.k, block=opts.block,
                               precision=opts.precision, null_samples=opts.null_samples,
-                              quantile=opts.quantile, thresholds=thresholds, labels=opts.labels)
+                              quantile=opts.quantile, thresholds=thresholds, labels=opts.labels,
+                              null=opts.null, min_cos=opts.min_cos, null_suite=null_suite,
+                              calibration=calibration)
     else:
         atlas = ensure_atlas(suite, lm, k=opts.k, null_samples=opts.null_samples,
                              quantile=opts.quantile, thresholds=thresholds, block=opts.block,
-                             precision=opts.precision, labels=opts.labels)
+                             precision=opts.precision, labels=opts.labels, null=opts.null,
+                             min_cos=opts.min_cos, null_suite=null_suite,
+                             calibration=calibration)
     return AtlasRun(atlas, time.perf_counter() - t0)

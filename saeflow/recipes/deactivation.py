@@ -21,6 +21,7 @@ class DeactivationRun:
     n_texts: int = 35  # evaluation texts
     out: str = "deactivation"
     plots: bool = True
+    ray: str | None = None  # the layers on Ray: "local", "auto" or an address
 
     def __post_init__(self):
         if self.n_texts < 1:
@@ -51,9 +52,11 @@ def choose_texts(run: DeactivationRun) -> tuple[list[str], list[str]]:
     return ev, rest
 
 
-def run_deactivation_check(run: DeactivationRun, suite, lm, log: Log = print):
+def run_deactivation_check(run: DeactivationRun, suite, lm, log: Log = print, loader=None):
     """Tokenise the texts and run ``saeflow.deactivate.run_deactivation`` (resumable from
-    ``out/checkpoints``); returns its ``DeactivationResult``."""
+    ``out/checkpoints``); returns its ``DeactivationResult``. With ``run.ray`` the layers
+    run on Ray workers, which open the model and suite with ``loader``
+    (``distribute.SuiteLoader``; default: ship ``lm`` and ``suite``)."""
     from saeflow.deactivate import run_deactivation, tokenize_texts
     cfg = run.config
     ev, rest = choose_texts(run)
@@ -73,8 +76,13 @@ def run_deactivation_check(run: DeactivationRun, suite, lm, log: Log = print):
     log(f"saeflow deactivate: {len(ids)} texts x {cfg.tokens_per_text} tokens, layers "
         f"{','.join(map(str, cfg.layers))}, strategies {','.join(cfg.strategies)}, "
         f"r {','.join(f'{r:g}' for r in cfg.rs)}")
-    return run_deactivation(lm, suite, ids, corr_ids, cfg,
-                            checkpoint_dir=Path(run.out) / "checkpoints")
+    ckpt = Path(run.out) / "checkpoints"
+    fan_out = None
+    if run.ray is not None:
+        from saeflow.recipes.distribute import Given, Pool, deactivation_fan_out
+        fan_out = deactivation_fan_out(Pool(run.ray, loader or Given(lm, suite)), ids,
+                                       corr_ids, cfg)
+    return run_deactivation(lm, suite, ids, corr_ids, cfg, checkpoint_dir=ckpt, fan_out=fan_out)
 
 
 def save_deactivation(result, out: Path, plots: bool = True) -> list[Path]:

@@ -67,6 +67,7 @@ class SteerEvalConfig:
     judge_url: str | None = None
     judge_model: str | None = None
     plan: PlanOptions = PlanOptions()
+    ray: str | None = None  # the cells on Ray: "local", "auto" or an address (recipes.distribute)
 
     def __post_init__(self):
         if self.feature and len(self.themes) > 1:
@@ -181,15 +182,22 @@ def make_judge(cfg: SteerEvalConfig, theme: str):
 
 
 def run_steer_eval(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, embed=None,
-                   log: Log = print) -> SteerEvalResult:
+                   log: Log = print, loader=None) -> SteerEvalResult:
     """Run (or resume) the sweep of every theme; write per-theme ``results.json`` and
-    ``scores.png``, and ``summary.csv``, ``summary.json`` and ``overview.png`` in ``out``."""
+    ``scores.png``, and ``summary.csv``, ``summary.json`` and ``overview.png`` in ``out``.
+    With ``cfg.ray`` the cells are generated on Ray workers, which open the model and suite
+    with ``loader`` (``distribute.SuiteLoader``; default: ship ``lm`` and ``suite``); the
+    theme setup, the scoring and the files stay here."""
     from saeflow import plots
     from saeflow.evaluate import compare_modes, run_heldout, run_sweep
     from saeflow.io import write_json_atomic
     from saeflow.themes import sentence_embedder
     out = Path(cfg.out)
     embed = embed or sentence_embedder()
+    fan_out = None
+    if cfg.ray is not None:
+        from saeflow.recipes.distribute import Given, Pool
+        fan_out = Pool(cfg.ray, loader or Given(lm, suite)).fan_out("steer-eval cells")
     runs, rows = [], []
     for description in cfg.themes:
         log(f"\n== {description}")
@@ -200,10 +208,10 @@ def run_steer_eval(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, emb
         sweep = cfg.sweep(setup.layers)
         results = run_sweep(lm, suite, description, setup.graph, sweep, folder / "results.json",
                             setup.topic, setup.coherence, setup.magnitudes, setup.info,
-                            rescore=cfg.rescore)
+                            rescore=cfg.rescore, fan_out=fan_out)
         heldout = run_heldout(lm, suite, description, setup.graph, sweep,
                               folder / "results.json", setup.topic, setup.coherence,
-                              setup.magnitudes, make_judge(cfg, description))
+                              setup.magnitudes, make_judge(cfg, description), fan_out=fan_out)
         unit = MAGNITUDE_UNITS[cfg.plan.magnitude]
         plots.steering_scores(folder / "scores.png", description, results,
                               "r" if cfg.plan.action == "suppress" else "coefficient" + unit)

@@ -1,0 +1,193 @@
+"""The optional Ray back end (``--ray [ADDRESS]`` on ``steer-eval``, ``deactivate`` and
+``atlas``; ``pip install 'saeflow[ray]'``): independent units of a run go out as Ray tasks, and
+their results come back to this process, which saves each one as it arrives.
+
+  - steer-eval: one unit per cell (theme x mode x layer x coefficient, over the prompts and
+    seeds of its stage): ``evaluate.generate_cell`` on the worker; scoring and
+    ``results.json`` (rewritten after every cell, in sweep order) here;
+  - deactivate: one unit per target layer (``run_deactivation(only_layer=...)``), saved in
+    ``checkpoints/layer-L.json`` as a local run saves it. Not finer: the block re-runs are
+    batched across texts, and a batch of other rows changes a float's last bits, so splitting a
+    layer's texts would not reproduce the local numbers;
+  - atlas: one unit per layer's matching (``saeflow.atlas``'s ``_match_layer``); the layer
+    folder is written here, atomically, and the labels and the classification are computed
+    here afterwards by ``compute_atlas``, which finds every layer done.
+
+A worker opens the model and suite once (``SuiteLoader`` by name on the worker's machine, or
+``Given`` objects shipped from here) and keeps them for every unit it runs. A worker that dies
+loses only its unit: Ray runs it again (``max_retries``; no scheduler of ours), and a killed
+run resumes from what was saved. Results equal the local run's: units are seeded on their
+own, and every merge keeps the local order. Ray is imported here only, when a run asks for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RETRIES = 3  # how often Ray re-runs a unit whose worker died
+_LOADED: dict = {}  # in a worker process: the run key -> (lm, suite) it opened
+
+
+@dataclass(frozen=True)
+class SuiteLoader:
+    """What a worker opens once, on its own machine: a suite by name (``catalog.load_suite``)
+    and its model; ``lm=None``: the model only when the suite has att_z SAEs (an atlas)."""
+    suite: str
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    lm: bool | None = True
+
+    def __call__(self):
+        from saeflow.catalog import load_suite
+        suite = load_suite(self.suite, model=self.model)
+        need = self.lm if self.lm is not None else any(s.kind == "att_z" for s in suite.sites())
+        return (suite.load_model(device=self.device, dtype=self.dtype) if need else None), suite
+
+
+class Given:
+    """A model and suite already in memory, shipped once to each worker (library use, tests)."""
+
+    def __init__(self, lm, suite):
+        self.lm, self.suite = lm, suite
+
+    def __call__(self):
+        return self.lm, self.suite
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("--ray needs Ray: pip install 'saeflow[ray]' (or pip install ray)"
+                          ) from None
+    return ray
+
+
+def _unit(key: str, boxed_loader: list, fn, args, unit):
+    """A unit on a worker: open the model and suite on the first unit of this run, then reuse."""
+    if key not in _LOADED:
+        _LOADED.clear()  # another run's objects
+        loader: Any = _ray().get(boxed_loader[0])
+        _LOADED[key] = loader()
+    lm, suite = _LOADED[key]
+    return fn(lm, suite, *args, unit)
+
+
+class Pool:
+    """Ray workers for one run. ``address``: None or "local" starts a Ray on this machine
+    (kept when one is already running in this process), "auto" or ``host:port`` joins a
+    cluster (``ray start --head``). A loader with a cuda device asks one GPU per worker."""
+
+    def __init__(self, address: str | None, loader, num_cpus: float = 1):
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=None if address in (None, "local") else address,
+                     include_dashboard=False, log_to_driver=False)
+        gpu = str(getattr(loader, "device", "cpu")).startswith("cuda")
+        self._task = ray.remote(num_cpus=num_cpus, num_gpus=1 if gpu else 0,
+                                max_retries=RETRIES, retry_exceptions=False,
+                                max_calls=0)(_unit)  # a worker keeps its model between units
+        self._loader = ray.put(loader)
+        self._key = uuid.uuid4().hex
+
+    def map(self, fn, args: tuple, units, desc: str = "units") -> Iterator[tuple]:
+        """``(unit, fn(lm, suite, *args, unit))`` for every unit, as they finish."""
+        from tqdm.auto import tqdm
+        ray = _ray()
+        shared = ray.put(args)
+        pending = {self._task.remote(self._key, [self._loader], fn, shared, u): u for u in units}
+        bar = tqdm(total=len(pending), desc=f"{desc} (ray)", unit="unit")
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                unit = pending.pop(ready[0])
+                yield unit, ray.get(ready[0])
+                bar.update()
+        finally:
+            bar.close()
+            for ref in pending:  # stopped early (an error here or in a unit)
+                ray.cancel(ref)
+
+    def fan_out(self, desc: str = "cells"):
+        """The ``fan_out`` of ``evaluate.run_sweep`` / ``run_heldout``."""
+        return lambda fn, args, units: self.map(fn, args, units, desc)
+
+
+# ---- deactivation: one unit per layer ---------------------------------------------------
+def _deactivation_unit(lm, suite, ids, corr_ids, cfg, layer: int):
+    from saeflow.deactivate import run_deactivation
+    r = run_deactivation(lm, suite, ids, corr_ids, cfg, progress=False, only_layer=layer)
+    return r.pairs, r.info["layers"][str(layer)]
+
+
+def deactivation_fan_out(pool: Pool, ids, corr_ids, cfg):
+    """The ``fan_out`` of ``deactivate.run_deactivation``: each layer's ``(pairs, info)`` from
+    a worker, which ``run_deactivation`` checkpoints as it arrives."""
+    return lambda layers: pool.map(_deactivation_unit, (ids, corr_ids, cfg), layers,
+                                   "deactivation layers")
+
+
+# ---- atlas: one unit per layer's matching ---------------------------------------------------
+def _atlas_unit(lm, suite, opts: dict, null_suite, layer: int) -> dict[str, bytes]:
+    from saeflow.atlas import _match_layer, layer_sources
+    from saeflow.match import Operand, resolve_precision, residual_decoder
+    from saeflow.sites import Site
+    dirs = residual_decoder(suite, Site(layer, "res"))
+    R = Operand.cosine(dirs, resolve_precision(opts["precision"], dirs.shape[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        part = Path(tmp) / "layers" / f"{layer:03d}"
+        _match_layer(suite, lm, layer, layer_sources(suite.sites())[layer], R, None, part,
+                     k=opts["k"], block=opts["block"], null_samples=opts["null_samples"],
+                     seed=opts["seed"], null_suite=null_suite)
+        return {p.name: p.read_bytes() for p in part.iterdir()}
+
+
+def atlas_layers(pool: Pool, suite, out: str | Path, *, k: int, block: int, precision: str,
+                 null_samples: int, null_suite=None, cache: bool = False) -> int:
+    """Match the layers of ``suite`` missing from the atlas folder ``out`` on the workers and
+    write each layer folder as it arrives; returns how many were computed. ``compute_atlas``
+    (or ``ensure_atlas``, ``cache=True``) then finds them done. A folder holding another
+    atlas is left to those to refuse (``--out``) or replace (the cache)."""
+    from saeflow import atlas as am
+    from saeflow.io import file_lock, temp_dir, write_json_atomic
+    defaults = inspect.signature(am.compute_atlas).parameters
+    seed, label_tokens = defaults["seed"].default, defaults["label_tokens"].default
+    out = Path(out)
+    settings = am._settings(suite, k, null_samples, seed, label_tokens, null_suite)
+    path = out / am.SETTINGS_JSON
+    if path.exists() and json.loads(path.read_text()) != settings:
+        if not cache:
+            return 0  # compute_atlas says what is there and what to do
+        from saeflow.contexts import CONTEXTS_FILE
+        same = json.loads(path.read_text()).get("fingerprint") == settings["fingerprint"]
+        for p in out.iterdir():  # our own cache of other settings, cleared as ensure_atlas does
+            if not (same and p.name == CONTEXTS_FILE):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    todo = [L for L in am.layer_sources(suite.sites())
+            if not (out / "layers" / f"{L:03d}" / "part.json").exists()]
+    if not todo:
+        return 0
+    opts = dict(k=k, block=block, precision=precision, null_samples=null_samples, seed=seed)
+    with file_lock(out / ".lock", f"waiting for another process computing the atlas in {out}"):
+        if not path.exists():
+            write_json_atomic(path, settings)
+        for layer, files in pool.map(_atlas_unit, (opts, null_suite), todo, "atlas layers"):
+            tmp = temp_dir(out, prefix=f".{layer:03d}.")  # what compute_atlas clears if left
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            part = out / "layers" / f"{layer:03d}"
+            if part.exists():  # the rest of a layer that never finished
+                shutil.rmtree(part)
+            part.parent.mkdir(exist_ok=True)
+            os.replace(tmp, part)
+    return len(todo)
