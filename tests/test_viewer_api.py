@@ -250,6 +250,52 @@ def test_concurrent_requests_for_one_graph_trace_it_once(app, monkeypatch):
     assert view.graph_bytes(f, 0.42, 0.21) is out[0] and len(calls) == 1  # cached
 
 
+def test_permutation_chain_composes_the_stored_permutations(setup, tmp_path):
+    from saeflow.permutation import PermutationConfig, PermutationStore, consecutive_pairs
+    from saeflow.viewer import create_app
+    atlas, suite, _, _ = setup
+    store = PermutationStore(suite, PermutationConfig(), tmp_path / "perms")
+    store.compute(consecutive_pairs(suite.sites("res")), progress=False)
+    c = create_app(atlas.root, suite=suite, permutations=tmp_path / "perms").test_client()
+    r = get(c, "/api/permutation/1/res/5")
+    assert r["available"] and r["missing"] == [] and r["config"]["objective"] == "both"
+    assert [x["id"] for x in r["chain"]] == [
+        f"0/res/{int(store.get('0/res', '1/res').perm.argsort()[5])}", "1/res/5",
+        f"2/res/{int(store.composed(1, 2)[5])}", f"3/res/{int(store.composed(1, 3)[5])}"]
+    for a, b in zip(r["chain"], r["chain"][1:]):  # each link's cosine is the atlas's
+        succ = dict(atlas.successors(a["id"], 5))
+        want = succ.get(Feature.parse(b["id"]))
+        assert b["cos"] == (None if want is None else pytest.approx(want, abs=1e-4))
+        assert b["top1"] == (Feature.parse(b["id"]) == atlas.successors(a["id"], 1)[0][0])
+    assert r["chain"][0]["cos"] is None and [p["a"] for p in r["pairs"]] == ["0/res", "1/res",
+                                                                              "2/res"]
+    assert r["pairs"][0]["mse"] == pytest.approx(store.get("0/res", "1/res").mse)
+    assert "residual" in get(c, "/api/permutation/1/mlp/5")["reason"]
+    # a missing pair ends the chain there and says how to compute it; nothing is written
+    pair = tmp_path / "perms" / "both-folded" / "pairs" / "2-res__3-res.json"
+    pair.unlink()
+    c = create_app(atlas.root, suite=suite, permutations=tmp_path / "perms").test_client()
+    r = get(c, "/api/permutation/1/res/5")
+    assert [x["layer"] for x in r["chain"]] == [0, 1, 2] and r["missing"] == ["2/res -> 3/res"]
+    assert "saeflow permute" in r["reason"] and not pair.exists()
+    # stored under other settings: read with those, never cleared
+    other = PermutationStore(suite, PermutationConfig(objective="decoder"), tmp_path / "other")
+    other.compute(consecutive_pairs(suite.sites("res"))[:1], progress=False)
+    c = create_app(atlas.root, suite=suite, permutations=tmp_path / "other").test_client()
+    r = get(c, "/api/permutation/0/res/5")
+    assert r["config"]["objective"] == "decoder" and r["chain"][1]["id"] == \
+        f"1/res/{int(other.get('0/res', '1/res').perm[5])}"
+    ro = PermutationStore(suite, PermutationConfig(objective="decoder", solver="dense"),
+                          tmp_path / "other", read_only=True)
+    with pytest.raises(KeyError, match="not stored"):
+        ro.get("0/res", "1/res")
+    assert other.stored(Site(0, "res"), Site(1, "res")) is not None  # still there
+    empty = create_app(atlas.root, suite=suite, permutations=tmp_path / "none").test_client()
+    r = get(empty, "/api/permutation/1/res/5")
+    assert not r["available"] and "saeflow permute" in r["reason"]
+    assert [x["id"] for x in r["chain"]] == [] and not (tmp_path / "none").exists()
+
+
 def test_feature_contexts_come_from_the_texts(client):
     f = get(client, "/api/features/1/res/5?contexts=3")
     assert f["contexts"] is not None and 0 < len(f["contexts"]) <= 3

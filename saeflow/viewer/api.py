@@ -149,6 +149,11 @@ def graph(fid: str):
     return json_bytes(_view().graph_bytes(f, *graph_args(request.args)))
 
 
+@bp.get("/permutation/<path:fid>")
+def permutation(fid: str):
+    return jsonify(_view().permutation_chain(feature_id(fid)))
+
+
 @bp.get("/share_curves")
 def share_curves():
     from saeflow.lineage import SCORE_KINDS

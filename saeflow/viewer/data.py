@@ -138,7 +138,7 @@ class _Hits:
 
 
 class AtlasView:
-    def __init__(self, atlas, contexts=None):
+    def __init__(self, atlas, contexts=None, suite=None, permutations=None):
         from saeflow.export import FORMATS
         from saeflow.lineage import CLASSES, COLORS
         self.export_formats = tuple(f for f in FORMATS if f in MIME)
@@ -167,6 +167,9 @@ class AtlasView:
         self._curves = _Memo(8)
         self._label_cache: dict[Feature, str] = {}
         self._overview: dict | None = None
+        self._chains = None  # PermutationChains, opened on first use (it imports torch)
+        self._chain_args = (suite, permutations)
+        self._chains_lock = threading.Lock()
         self._render_lock = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
     # ---- identity ----------------------------------------------------------------------------
@@ -436,6 +439,16 @@ class AtlasView:
             data["classes"] = self.classes
             return encode(data)
         return self._curves.get(vary, make)
+
+    # ---- permutation chains ------------------------------------------------------------------
+    def permutation_chain(self, f: Feature) -> dict:
+        """``PermutationChains.chain`` of ``f`` (saeflow.viewer.permutations)."""
+        with self._chains_lock:
+            if self._chains is None:
+                from saeflow.viewer.permutations import PermutationChains
+                suite, root = self._chain_args
+                self._chains = PermutationChains(self.atlas, suite, root)
+        return self._chains.chain(f, self)
 
     # ---- graphs -------------------------------------------------------------------------------
     def graph(self, f: Feature, res_threshold: float = RES_THRESHOLD,

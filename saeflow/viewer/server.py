@@ -34,13 +34,14 @@ log = logging.getLogger("saeflow.viewer")
 
 def create_app(atlas, *, contexts=None, lm=None, suite=None,
                load_model: Callable[[], tuple] | None = None, texts=None, host: str = DEFAULT_HOST,
-               steering_off_reason: str | None = None):
+               steering_off_reason: str | None = None, permutations: str | Path | None = None):
     """The viewer app for ``atlas`` (an ``saeflow.atlas.Atlas`` or its folder).
 
     Steering needs a model and the suite: pass ``lm`` and ``suite``, or ``load_model()`` that
     returns ``(lm, suite)`` and runs on the first steering request. ``texts`` are paragraphs
     used to measure steering magnitudes and as the corpus of theme searches (default: the
-    bundled corpus)."""
+    bundled corpus). ``permutations`` is the folder ``saeflow permute --out`` wrote (default:
+    the suite's, in the cache); ``suite`` (or the atlas's suite folder) checks them."""
     from flask import Flask, jsonify, request, send_from_directory
     from werkzeug.exceptions import HTTPException
 
@@ -54,7 +55,7 @@ def create_app(atlas, *, contexts=None, lm=None, suite=None,
     if contexts is None and getattr(atlas, "root", None) is not None:
         from saeflow.contexts import Contexts
         contexts = Contexts.find(atlas.root)
-    view = AtlasView(atlas, contexts=contexts)
+    view = AtlasView(atlas, contexts=contexts, suite=suite, permutations=permutations)
     view.start_indexing()
     if lm is not None and suite is not None:
         steering = SteeringService(view, resources=(lm, suite), texts=texts)
