@@ -26,40 +26,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from saeflow.configs import ContextSettings  # noqa: F401  (defined there without torch)
 from saeflow.io import atomic_path
 from saeflow.sites import Feature, Site
 
 CONTEXTS_FILE = "contexts.safetensors"
 FORMAT = "saeflow-contexts/1"
-
-
-@dataclass(frozen=True)
-class ContextSettings:
-    source: str = "default"  # corpus source (see saeflow.corpus) or "texts"
-    n_tokens: int = 65_536
-    seq_len: int = 128
-    batch_size: int = 8
-    top_k: int = 8
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("n_tokens", "seq_len", "batch_size", "top_k"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"contexts: {name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ValueError("contexts: seq_len must be >= 2 (the first token is skipped)")
-
-    @property
-    def n_batches(self) -> int:
-        per = self.seq_len * self.batch_size
-        return max(1, -(-self.n_tokens // per))
 
 
 class Context(NamedTuple):

@@ -18,11 +18,11 @@ from __future__ import annotations
 import io
 import json
 
+from saeflow.configs import GRAPH_FORMATS as FORMATS
 from saeflow.flow import FlowGraph
 from saeflow.layout import KIND_COLORS, layout, node_color
 from saeflow.lineage import COLORS
 
-FORMATS = ("json", "graphml", "dot", "svg", "png", "neuronpedia")
 _LANES = ("att", "mlp", "res")
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saeflow.configs import GroupsConfig  # noqa: F401  (defined there without torch)
 from saeflow.sites import Site
 from saeflow.tokens import usable_tokens
 
@@ -44,29 +45,6 @@ __all__ = ["GROUPS", "GroupsConfig", "GroupResult", "LayerGroups", "activation_g
 KINDS = ("res", "mlp", "att")
 # group name of each code 4 * R + 2 * M + A (bits: predecessor active in R_{L-1}, M_L, A_L)
 GROUPS = ("from nowhere", "A", "M", "M+A", "R", "R+A", "R+M", "R+M+A")
-
-
-@dataclass(frozen=True)
-class GroupsConfig:
-    layers: tuple[int, ...] = (6, 12, 18)
-    tokens_per_text: int = 5
-    max_len: int = 64  # tokens per text (longer texts are cut)
-    min_group: int = 20  # a group enters the tests with at least this many members
-    alpha: float = 0.001
-    batch: int = 8  # texts per forward pass
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        if not self.layers or min(self.layers) < 0:
-            raise ValueError(f"groups: layers must be >= 0, got {list(self.layers)}")
-        for name in ("tokens_per_text", "min_group", "batch"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"groups: {name} must be >= 1, got {getattr(self, name)}")
-        if self.max_len < 2:
-            raise ValueError("groups: max_len must be >= 2 (position 0 is never sampled)")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"groups: alpha must be between 0 and 1, got {self.alpha}")
 
 
 # ---- pure functions ---------------------------------------------------------------------------

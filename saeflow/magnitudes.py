@@ -21,9 +21,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from saeflow.configs import MAGNITUDES
 from saeflow.sites import Feature, Site
-
-MAGNITUDES = ("res_norm", "activation", "theta", "none")
 
 
 def feature_magnitudes(lm, suite, features: Iterable[Feature], how: str = "res_norm",

@@ -36,7 +36,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,39 +44,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saeflow.configs import OBJECTIVES, PermutationConfig  # noqa: F401  (defined without torch)
 from saeflow.io import atomic_path, write_json_atomic
 from saeflow.sae import SAE
 from saeflow.sites import Site
 
-OBJECTIVES = ("decoder", "encoder", "both")
 SETTINGS_JSON = "settings.json"
 SCHEMA = "saeflow.permutations/1"
-
-
-@dataclass(frozen=True)
-class PermutationConfig:
-    objective: str = "both"  # the paper's experiments match encoder + decoder
-    fold: bool = True
-    solver: str = "auto"  # auto | dense | sparse (see saeflow.match.permutation_match)
-    knn: int = 16
-    dense_limit: int = 20_000
-    block: int = 4096
-    precision: str = "auto"
-
-    def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"permutation objective must be one of {', '.join(OBJECTIVES)}, got "
-                             f"{self.objective!r}")
-        if self.solver not in ("auto", "dense", "sparse"):
-            raise ValueError(f"permutation solver must be auto, dense or sparse, got "
-                             f"{self.solver!r}")
-        for name in ("knn", "dense_limit", "block"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"permutation {name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def tag(self) -> str:
-        return f"{self.objective}-{'folded' if self.fold else 'raw'}"
 
 
 class PairResult(NamedTuple):
@@ -217,18 +191,15 @@ def _fingerprint(suite, site: Site) -> str:
 
 
 class PermutationStore:
-    """Stored permutations of one suite under one config (module docstring, "Storage").
-    ``read_only`` (the viewer): nothing is written, cleared or computed; a pair that is not
-    stored under these settings is missing (``get`` raises ``KeyError``)."""
+    """Stored permutations of one suite under one config (module docstring, "Storage")."""
 
     def __init__(self, suite, config: PermutationConfig = PermutationConfig(),
-                 out_dir: str | Path | None = None, read_only: bool = False):
-        self.suite, self.config, self.read_only = suite, config, read_only
+                 out_dir: str | Path | None = None):
+        self.suite, self.config = suite, config
         self.root = Path(out_dir) if out_dir is not None else default_out(suite)
         self.folder = self.root / config.tag
         self._prints: dict[Site, str] = {}
         self._cache: dict[tuple[Site, Site], PairResult] = {}
-        self._stale = False
         self._open()
 
     def _settings(self) -> dict:
@@ -236,9 +207,6 @@ class PermutationStore:
 
     def _open(self) -> None:
         path = self.folder / SETTINGS_JSON
-        if self.read_only:
-            self._stale = not path.exists() or json.loads(path.read_text()) != self._settings()
-            return
         if path.exists():
             old = json.loads(path.read_text())
             if old != self._settings():
@@ -260,7 +228,7 @@ class PermutationStore:
 
     def stored(self, a: Site, b: Site) -> PairResult | None:
         npy, meta = self._paths(a, b)
-        if self._stale or not meta.exists() or not npy.exists():
+        if not meta.exists() or not npy.exists():
             return None
         info = json.loads(meta.read_text())
         if info.get("fingerprints") != [self.fingerprint(a), self.fingerprint(b)]:
@@ -275,8 +243,6 @@ class PermutationStore:
         if (a, b) in self._cache:
             return self._cache[(a, b)]
         res = self.stored(a, b)
-        if res is None and self.read_only:
-            raise KeyError(f"the permutation {a} -> {b} is not stored in {self.folder}")
         if res is None:
             if a not in self.suite or b not in self.suite:
                 missing = [str(s) for s in (a, b) if s not in self.suite]

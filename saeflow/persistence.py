@@ -32,13 +32,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from saeflow.configs import PersistenceConfig  # noqa: F401  (defined there without torch)
 from saeflow.io import save_figure
 from saeflow.permutation import OBJECTIVES, PermutationConfig, PermutationStore, prepared
 from saeflow.prune import HeldoutStates, explained_variance, mapped_estimator
@@ -46,29 +46,6 @@ from saeflow.sites import Site
 
 MEASURES = ("coactivation", "semantic", "judge")
 Embedder = Callable[[Sequence[str]], Tensor]  # texts -> [n, D] rows
-
-
-@dataclass(frozen=True)
-class PersistenceConfig:
-    starts: tuple[int, ...] = ()  # start layers (empty: four spread over the depth)
-    max_distance: int = 8
-    n_features: int = 128  # sampled per start among features that fire >= min_fires times
-    min_fires: int = 3
-    top_k: int = 4  # contexts per feature for the semantic proxy
-    window: int = 12  # tokens before the peak in a context
-    level: float = 0.5
-    semantic: bool = True
-    judge_pairs: int = 16  # pairs per (start, distance) shown to the LLM judge, when one is set
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "starts", tuple(int(s) for s in self.starts))
-        for name in ("max_distance", "n_features", "min_fires", "top_k", "window",
-                     "judge_pairs"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"persistence: {name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.level < 1:
-            raise ValueError(f"persistence: level must be in (0, 1), got {self.level}")
 
 
 class PersistenceRow(NamedTuple):

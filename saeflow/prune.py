@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,35 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saeflow.configs import PRUNE_METHODS as METHODS
+from saeflow.configs import HeldoutConfig  # noqa: F401  (defined there without torch)
 from saeflow.io import atomic_path, save_figure, write_json_atomic
 from saeflow.hooks import recording
 from saeflow.sae import SAE
 from saeflow.sites import Site
 from saeflow.tokens import OUTLIER_FACTOR, usable_tokens
 
-METHODS = ("permutation", "cosine", "reconstruction", "skip")
 Estimator = Callable[[Tensor], Tensor]  # h_t [n, d] -> estimate of h_u [n, d]
-
-
-@dataclass(frozen=True)
-class HeldoutConfig:
-    source: str = "default"  # corpus source (saeflow.corpus) or a path to .txt files
-    split: str = "heldout"
-    n_seqs: int = 16
-    seq_len: int = 128
-    batch_size: int = 4
-    outlier_factor: float = OUTLIER_FACTOR
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("n_seqs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"held-out text: {name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 3:
-            raise ValueError(f"held-out text: seq_len must be >= 3, got {self.seq_len}")
-        if not self.outlier_factor > 1:
-            raise ValueError(f"held-out text: outlier_factor must be > 1, got "
-                             f"{self.outlier_factor}")
 
 
 class HeldoutStates(NamedTuple):

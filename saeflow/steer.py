@@ -51,14 +51,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from saeflow.configs import ACTIONS, MAGNITUDES, MODES, SCHEDULES  # noqa: F401  (re-exported)
 from saeflow.hooks import editing
-from saeflow.magnitudes import MAGNITUDES, feature_magnitudes  # noqa: F401  (re-exported)
+from saeflow.magnitudes import feature_magnitudes  # noqa: F401  (re-exported)
 from saeflow.sites import Feature, Site
 from saeflow.tokens import LimitMemory, PositionTracker, tracking_positions, usable_tokens
 
-ACTIONS = ("activate", "suppress")
-MODES = ("single", "cumulative")
-SCHEDULES = ("constant", "exponential", "linear")
 PLAN_FORMAT = "saeflow.steering_plan/1"
 
 

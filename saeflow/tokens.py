@@ -27,10 +27,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from saeflow.configs import OUTLIER_FACTOR
+
 __all__ = ["OUTLIER_FACTOR", "LimitMemory", "PositionTracker", "norm_limit", "tracking_positions",
            "usable_tokens"]
 
-OUTLIER_FACTOR = 10.0
 REFERENCE_TOKENS = 8  # fewer usable tokens than this: too few for a median (LimitMemory)
 
 

@@ -13,16 +13,16 @@ ROOT = Path(__file__).resolve().parents[1] / "saeflow"
 # Layer of each module (a name ending in "." covers a package). Unlisted top-level modules are
 # algorithms (layer 2), so a new algorithm module needs no entry here.
 LAYERS = {
-    0: ["saeflow.sites", "saeflow.io", "saeflow.atomic"],
+    0: ["saeflow.sites", "saeflow.io", "saeflow.atomic", "saeflow.configs"],
     1: ["saeflow.models", "saeflow.hooks", "saeflow.sae", "saeflow.formats", "saeflow.formats.",
         "saeflow.suite", "saeflow.corpus", "saeflow.tokens"],
     3: ["saeflow.catalog", "saeflow.recipes", "saeflow.recipes.", "saeflow.plots",
-        "saeflow.presets", "saeflow.demo", "saeflow.report"],
+        "saeflow.presets", "saeflow.demo", "saeflow.report", "saeflow.report_html"],
     4: ["saeflow.cli", "saeflow.commands", "saeflow.commands.", "saeflow.viewer",
         "saeflow.viewer."],
     5: ["saeflow"],  # the package root: the public API, a facade over everything (no module
 }                    # imports it)
-NAMES = ["sites, io", "models, hooks, SAEs, formats, suite, corpus", "algorithms",
+NAMES = ["sites, io, configs", "models, hooks, SAEs, formats, suite, corpus", "algorithms",
          "experiments (catalog, recipes, plots, presets, demo, report)",
          "surfaces (cli, commands, viewer)", "the public API"]
 # Pairs that are forbidden although the layers alone would allow them.
@@ -153,3 +153,35 @@ def test_the_package_root_declares_its_api_and_imports_nothing_heavy():
            "if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _parser_imports(names: list[str]) -> list[str]:
+    """The heavy modules loaded by registering the commands ``names`` (in a fresh process)."""
+    import subprocess
+    import sys
+    code = ("import argparse, importlib, sys\n"
+            f"for name in {names!r}:\n"
+            "    importlib.import_module('saeflow.commands.' + name).add("
+            "argparse.ArgumentParser().add_subparsers())\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return eval(out.stdout.strip())
+
+
+# Commands whose parsers still load torch (their defaults come from modules that import it).
+HEAVY_PARSERS = ["atlas", "deactivate", "steer_eval", "demo"]
+
+
+@pytest.mark.parametrize("name", ["train", "quality", "graph", "match", "permute", "prune",
+                                  "groups", "steer", "themes", "contexts", "view", "info"])
+def test_building_a_command_parser_imports_no_torch(name):
+    """``saeflow --help`` builds every parser: their defaults come from torch-free config
+    modules (``saeflow.configs``, the recipes' options), the work imports inside ``run``."""
+    assert _parser_imports([name]) == []
+
+
+@pytest.mark.xfail(reason="parsers of " + ", ".join(HEAVY_PARSERS) + " still import torch",
+                   strict=False)
+def test_building_the_cli_parser_imports_no_torch():
+    from saeflow.cli import COMMANDS
+    assert _parser_imports(COMMANDS) == []

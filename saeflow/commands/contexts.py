@@ -5,10 +5,9 @@ interrupted."""
 from __future__ import annotations
 
 import argparse
-import time
 
 from saeflow.commands import add_model_args, from_args
-from saeflow.contexts import ContextSettings
+from saeflow.configs import ContextSettings
 
 
 def add(subparsers) -> None:
@@ -40,20 +39,9 @@ def add(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saeflow.catalog import find_atlas, suite_of_atlas
-    from saeflow.contexts import Contexts, compute_contexts, context_sites
-
-    atlas, suite = find_atlas(args.atlas)
-    if args.suite or suite is None:
-        suite = suite_of_atlas(atlas, args.suite, model=args.model)
-    if args.model:
-        suite.model = args.model
-    sites = context_sites(atlas, suite, args.sites)
-    settings = from_args(ContextSettings, args)
-    lm = suite.load_model(device=args.device, dtype=args.dtype)
-    t0 = time.perf_counter()
-    path = compute_contexts(lm, suite, atlas.root, settings, sites=sites)
-    info = Contexts(path).info()
-    print(f"contexts for {len(info['sites'])} sites from {info['n_sequences']} sequences of "
-          f"{args.seq_len} tokens in {time.perf_counter() - t0:.1f} s -> {path}")
+    from saeflow.recipes.contexts import run_contexts
+    done = run_contexts(args.atlas, from_args(ContextSettings, args), args.suite, args.model,
+                        args.sites, args.device, args.dtype)
+    print(f"contexts for {len(done.info['sites'])} sites from {done.info['n_sequences']} "
+          f"sequences of {args.seq_len} tokens in {done.seconds:.1f} s -> {done.path}")
     return 0

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-
-from saeflow.export import FORMATS
+from saeflow.configs import GRAPH_FORMATS as FORMATS
 from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD
 
 
@@ -37,38 +35,19 @@ def add(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saeflow.catalog import open_atlas
-    from saeflow.export import render
-    from saeflow.flow import trace
-    from saeflow.io import write_bytes, write_text
-
-    atlas = open_atlas(args.atlas)
-    graph = trace(atlas, args.feature, args.res_threshold, args.block_threshold,
-                  children=not args.no_children, max_nodes=args.max_nodes)
-    from saeflow.neuronpedia import ids_of_atlas, relabel, write_graph_folder
-    ids = ids_of_atlas(atlas) if args.explanations or args.format == "neuronpedia" else None
-    if args.explanations:
-        if ids is None:
-            raise ValueError("--explanations: the atlas's suite names no Neuronpedia ids "
-                             "(suite.json \"neuronpedia\" or the SAEs' neuronpedia_id)")
-        graph = relabel(graph, ids.labels(args.explanations, graph.features))
-    if args.format == "neuronpedia" and args.out:
-        path = write_graph_folder(graph, args.out, urls=ids.urls(graph.features) if ids else None)
-        print(f"{len(graph.nodes)} nodes, {len(graph.edges)} edges -> {path} (serve {args.out} "
-              "as circuit-tracer's data folder)", file=sys.stderr)
-        return 0
-    data = render(graph, args.format)
-    if args.out:
-        out = Path(args.out)
-        if isinstance(data, bytes):
-            write_bytes(out, data)
-        else:
-            write_text(out, data)
-        print(f"{len(graph.nodes)} nodes, {len(graph.edges)} edges -> {out}", file=sys.stderr)
-    elif isinstance(data, bytes):
+    from saeflow.recipes.graph import export_graph
+    done = export_graph(args.atlas, args.feature, args.format, args.out, args.res_threshold,
+                        args.block_threshold, not args.no_children, args.max_nodes,
+                        args.explanations)
+    if done.path is not None:
+        serve = (f" (serve {args.out} as circuit-tracer's data folder)"
+                 if args.format == "neuronpedia" else "")
+        print(f"{len(done.graph.nodes)} nodes, {len(done.graph.edges)} edges -> {done.path}"
+              + serve, file=sys.stderr)
+    elif isinstance(done.data, bytes):
         if sys.stdout.isatty():
             raise ValueError("png output is binary: pass --out FILE.png (or redirect stdout)")
-        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.write(done.data)
     else:
-        sys.stdout.write(data)
+        sys.stdout.write(done.data or "")
     return 0

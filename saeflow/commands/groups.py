@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saeflow.commands import add_model_args, joined, numbers
-from saeflow.groups import GroupsConfig
+from saeflow.commands import add_model_args, from_args, joined, numbers
+from saeflow.configs import GroupsConfig
 
 
 def add(subparsers) -> None:
@@ -46,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n_texts < 1:
         raise ValueError(f"--n-texts must be >= 1, got {args.n_texts}")
-    cfg = GroupsConfig(layers=numbers(args.layers, "--layers", int),
-                       tokens_per_text=args.tokens_per_text, max_len=args.max_len,
-                       min_group=args.min_group, alpha=args.alpha, seed=args.seed)
+    cfg = from_args(GroupsConfig, args, layers=numbers(args.layers, "--layers", int))
     suite, lm = open_suite(args.suite, model=args.model, device=args.device, dtype=args.dtype)
     atlas = Atlas.load(args.atlas) if args.atlas else None
     result = activation_groups(lm, suite, group_texts(args.texts, args.n_texts, args.seed), cfg,

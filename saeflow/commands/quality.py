@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from saeflow.commands import add_model_args
+from saeflow.commands import add_model_args, from_args
+from saeflow.recipes.quality import QualityOptions
 
 
 def add(subparsers) -> None:
+    d = QualityOptions()
     p = subparsers.add_parser(
         "quality", help="evaluate every SAE of a suite on held-out text",
         description="Per SAE on held-out text: FVU, L0, dead fraction and LM loss recovered "
@@ -19,14 +21,15 @@ def add(subparsers) -> None:
     p.set_defaults(dtype="bfloat16", func=run)
     p.add_argument("suite", help="a suite folder, spec file, preset or 'starter'")
     p.add_argument("--sites", default=None, help="only these sites (e.g. 0-3/res,12/mlp)")
-    p.add_argument("--tokens", type=int, default=8192,
-                   help="held-out tokens for FVU, L0 and dead fraction (default 8192)")
-    p.add_argument("--loss-tokens", type=int, default=2048,
-                   help="held-out tokens for loss recovered (default 2048)")
-    p.add_argument("--source", default="default", help="held-out text source (default: default)")
-    p.add_argument("--res-ablation", default="mean", choices=["mean", "zero"],
-                   help="baseline for res sites in loss recovered (default mean)")
-    p.add_argument("--workers", type=int, default=2, help="worker threads (default 2)")
+    p.add_argument("--tokens", type=int, default=d.tokens,
+                   help="held-out tokens for FVU, L0 and dead fraction (default %(default)s)")
+    p.add_argument("--loss-tokens", type=int, default=d.loss_tokens,
+                   help="held-out tokens for loss recovered (default %(default)s)")
+    p.add_argument("--source", default=d.source, help="held-out text source (default: %(default)s)")
+    p.add_argument("--res-ablation", default=d.res_ablation, choices=["mean", "zero"],
+                   help="baseline for res sites in loss recovered (default %(default)s)")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="worker threads (default %(default)s)")
     p.add_argument("--cached", action="store_true",
                    help="print the table stored in suite.json instead of recomputing it")
     p.add_argument("--no-save", action="store_true", help="do not write into the suite folder")
@@ -36,30 +39,21 @@ def add(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from saeflow import convergence, quality
     from saeflow.catalog import load_suite
-    from saeflow.recipes.quality import quality_sites, store_quality
-    suite = load_suite(args.suite, model=args.model)
+    from saeflow.recipes.quality import run_quality
+    suite, saved = load_suite(args.suite, model=args.model), None
     if args.cached:
         rows = quality.rows_from_json(suite.info.get("quality") or [])
         if not rows:
             raise ValueError(f"suite {suite.name!r} has no stored quality table; run without "
                              "--cached to compute it")
-        print(quality.format_table(rows))
-        if suite.info.get("convergence"):
-            print(convergence.format_report(suite.info["convergence"]))
-        return 0
-    lm = suite.load_model(device=args.device, dtype=args.dtype)
-    sites = quality_sites(suite, args.sites, lm.n_layers)
-    rows = quality.evaluate(lm, {s: suite[s] for s in sites}, source=args.source,
-                            tokens=args.tokens, loss_tokens=args.loss_tokens,
-                            res_ablation=args.res_ablation, workers=args.workers,
-                            progress=not args.quiet)
+        report = suite.info.get("convergence")
+    else:
+        lm = suite.load_model(device=args.device, dtype=args.dtype)
+        rows, report, saved = run_quality(suite, lm, from_args(QualityOptions, args), args.sites,
+                                          not args.no_save, args.dtype, not args.quiet)
     print(quality.format_table(rows))
-    if not args.sites:
-        print(convergence.format_report(convergence.for_suite(suite)))
-    settings = {"tokens": args.tokens, "loss_tokens": args.loss_tokens, "source": args.source,
-                "res_ablation": args.res_ablation, "model_dtype": args.dtype}
-    saved = None if args.no_save else store_quality(
-        suite, rows, settings, f"{suite.name} ({lm.name})", merge=bool(args.sites))
+    if report:
+        print(convergence.format_report(report))
     if saved:
         print(f"saved: {saved}, quality.csv, quality.png")
     return 0

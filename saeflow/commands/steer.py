@@ -9,7 +9,7 @@ from itertools import zip_longest
 
 from saeflow.commands import add_model_args, from_args
 from saeflow.recipes.steering import PLAN_MODES, GenerationOptions, PlanOptions
-from saeflow.steer import ACTIONS, MAGNITUDES, SCHEDULES
+from saeflow.configs import ACTIONS, MAGNITUDES, SCHEDULES
 
 
 def add_plan_args(p) -> None:

@@ -7,6 +7,9 @@ a recipe and print; the demo calls the same recipes and renders their results.
     theme, and unsteered/steered generations (``saeflow steer``, ``saeflow themes``, viewer);
   - ``saeflow.recipes.steer_eval``: the steering evaluation over themes (``saeflow steer-eval``);
   - ``saeflow.recipes.deactivation``: the causal check of the matches (``saeflow deactivate``);
+  - ``saeflow.recipes.permutation``: permutations over depth and layer pruning (``saeflow
+    permute``, ``saeflow prune``); ``.training``: a training run (``saeflow train``);
+  - ``saeflow.recipes.graph``, ``.contexts``: a flow graph exported, top contexts computed;
   - ``saeflow.recipes.describe``, ``.match``, ``.quality``: ``saeflow info``, ``match`` and
     ``quality``.
 What a suite or atlas name means is ``saeflow.catalog``; plots are ``saeflow.plots``.

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from saeflow.configs import ACTIONS, MAGNITUDES, SCHEDULES
 from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD, FlowGraph
 from saeflow.recipes import Log
 from saeflow.sites import Feature
-from saeflow.steer import ACTIONS, MAGNITUDES, SCHEDULES
 
 if TYPE_CHECKING:
     from saeflow.atlas import Atlas
