@@ -2,8 +2,10 @@
 
 The server runs in a thread on a free port of 127.0.0.1 over the planted atlas of
 ``test_viewer_api`` (a tiny Llama with a byte-level tokenizer, so steering runs the real code).
-The test opens the overview, searches, opens a feature and its flow graph, moves a threshold,
-clicks a node, and steers; it checks what the page shows against the API and the library.
+The test opens the overview (lineage bars, share curves over the threshold grid), searches, opens
+a feature and its flow graph (thresholds, the below-null warning and switch, the permutation
+chain beside it), moves a threshold, clicks a node, and steers (also from the generated tokens
+on); it checks what the page shows against the API and the library.
 Set ``SAEFLOW_VIEWER_SCREENSHOTS=DIR`` to also save a screenshot of each page.
 """
 
@@ -32,9 +34,14 @@ def served(tmp_path_factory):
     pytest.importorskip("playwright", reason="the playwright package is not installed")
     from test_viewer_api import TEXTS, build_setup
 
+    from saeflow.permutation import PermutationConfig, PermutationStore, consecutive_pairs
     from saeflow.viewer import ViewerServer, create_app
     atlas, suite, lm, truth = build_setup(tmp_path_factory.mktemp("atlas"))
-    app = create_app(atlas.root, load_model=lambda: (lm, suite), texts=TEXTS)
+    perms = tmp_path_factory.mktemp("perms")
+    PermutationStore(suite, PermutationConfig(), perms).compute(
+        consecutive_pairs(suite.sites("res")), progress=False)
+    app = create_app(atlas.root, load_model=lambda: (lm, suite), texts=TEXTS, suite=suite,
+                     permutations=perms)
     server = ViewerServer(app, port=0).start()
     yield server, atlas, suite, lm
     server.shutdown()
@@ -86,6 +93,21 @@ def test_overview_search_feature_graph_and_steering(served, page):
     rows = page.locator("[data-testid=thresholds] tbody tr")
     assert rows.count() == len(atlas.layers)
     assert "tiny-llama" in page.inner_text("#suite-name")
+    assert "no_prev" in page.inner_text("[data-testid=no-previous]")
+    # class shares over the threshold grid: one curve per class present, the layer's marks
+    page.wait_for_selector("[data-testid=share-curves] path")
+    page.select_option("select[name=curve_layer]", "2")
+    page.wait_for_selector("[data-testid=share-curves][data-layer='2']")
+    curves = atlas.share_curves()["layers"]["2"]
+    drawn = page.eval_on_selector_all("[data-testid=share-curves] path",
+                                      "ps => ps.map(p => p.dataset.class)")
+    assert drawn and sorted(drawn) == sorted(c for c, v in curves.items() if max(v) > 0)
+    assert page.locator("[data-testid=share-curves] [data-mark=threshold-res]").count() == 1
+    page.select_option("select[name=curve_layer]", "0")
+    page.wait_for_selector("[data-testid=share-curves][data-layer='0'] path")
+    drawn0 = page.eval_on_selector_all("[data-testid=share-curves] path",
+                                       "ps => ps.map(p => p.dataset.class)")
+    assert drawn0 and all(c.startswith("no_prev") for c in drawn0)
     shot(page, "overview")
 
     # search by lineage and layer from the form
@@ -117,6 +139,13 @@ def test_overview_search_feature_graph_and_steering(served, page):
     graph = trace(atlas, "2/res/3")
     assert page.locator("[data-testid=flow-graph] g.node").count() == len(graph.nodes)
     assert page.inner_text("[data-testid=graph-info]").startswith(f"{len(graph.nodes)} nodes")
+    # the permutation chain beside it: one row per residual layer, ticks on the graph's nodes
+    page.wait_for_selector("[data-testid=perm-chain] tbody tr")
+    chain = page.eval_on_selector_all("[data-testid=perm-chain] tbody tr",
+                                      "rs => rs.map(r => [r.dataset.id, r.classList.contains('in-graph')])")
+    ids = {str(f) for f in graph.features}
+    assert [c[0].split("/")[0] for c in chain] == ["0", "1", "2", "3"] and ["2/res/3", True] in chain
+    assert all(marked == (cid in ids) for cid, marked in chain)
     # moving a threshold re-fetches the graph
     rt, bt = next(t for t in ((0.3, 0.3), (0.5, 0.99), (0.05, 0.05))
                   if len(trace(atlas, "2/res/3", *t).nodes) != len(graph.nodes))
@@ -129,6 +158,24 @@ def test_overview_search_feature_graph_and_steering(served, page):
     page.wait_for_function(
         f"() => document.querySelector('[data-testid=graph-info]').textContent.startsWith('{len(strict.nodes)} nodes')")
     assert page.locator("[data-testid=flow-graph] g.node").count() == len(strict.nodes)
+    # thresholds below the null: a warning; "below null" admits the chance-level links
+    for name in ("res_threshold", "block_threshold"):
+        page.locator(f"input[name={name}]").evaluate(
+            "e => { e.value = 0.01; e.dispatchEvent(new Event('input')); }")
+    page.wait_for_selector("[data-testid=graph-notes] .warn")
+    assert "below the null" in page.inner_text("[data-testid=graph-notes]")
+    with pytest.warns(UserWarning):
+        loose = trace(atlas, "2/res/3", 0.01, 0.01, below_null=True)
+    page.check("input[name=below_null]")
+    page.wait_for_function("() => location.hash.includes('below_null=1')")
+    page.wait_for_function(
+        f"() => document.querySelector('[data-testid=graph-info]').textContent.startsWith('{len(loose.nodes)} nodes')")
+    page.uncheck("input[name=below_null]")
+    for name, value in (("res_threshold", rt), ("block_threshold", bt)):
+        page.locator(f"input[name={name}]").evaluate(
+            f"e => {{ e.value = {value}; e.dispatchEvent(new Event('input')); }}")
+    page.wait_for_function(
+        f"() => document.querySelector('[data-testid=graph-info]').textContent.startsWith('{len(strict.nodes)} nodes')")
     href = page.get_attribute("a[data-fmt=svg]", "href")
     r = page.request.get(url + href)
     assert r.status == 200 and r.headers["content-type"].startswith("image/svg+xml")
@@ -163,6 +210,16 @@ def test_overview_search_feature_graph_and_steering(served, page):
     assert plain != steered
     assert re.search(rf"{len(plan.terms)} steered features", page.inner_text("[data-testid=steer-plan]"))
     shot(page, "steer")
+    # only the generated tokens: saeflow.steer's token window
+    import dataclasses
+    page.select_option("select[name=window]", "generated")
+    page.click("[data-testid=steer-form] button[type=submit]")
+    page.wait_for_function("() => document.querySelector('[data-testid=steer-plan]').textContent"
+                           ".includes('generated tokens only')")
+    page.wait_for_selector("[data-testid=steer-status][data-status=done]", timeout=120_000)
+    late = generate(lm, "The wedding", dataclasses.replace(plan, generated_only=True), 8,
+                    suite=suite)[0].text
+    assert page.locator("[data-testid=steered]").text_content() == late
 
 
 def test_unknown_feature_shows_an_error(served, page):

@@ -503,7 +503,7 @@ class AtlasView:
                    and asked[kind] < nulls[L][kind]]
             if low:
                 hi = max(nulls[L][kind] for L in low)
-                notes.append(f"{what} {asked[kind]:.2f} is below the null (up to {hi:.2f}) "
+                notes.append(f"{what} {asked[kind]:.2f} is below the null (up to {hi:.3f}) "
                              f"at layers {_span(low)}: there the graph keeps only "
                              "links above the null, by the atlas's rule (tick 'below null' "
                              "to admit chance-level links)")

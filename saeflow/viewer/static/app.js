@@ -2,7 +2,7 @@
 "use strict";
 (function () {
   const app = document.getElementById("app");
-  const D = window.SFDraw;
+  const D = window.SFDraw, P = window.SFPanels;
   const state = { overview: null, picked: new Set(), pickSeed: null };
 
   // ---- helpers ------------------------------------------------------------------------
@@ -29,7 +29,7 @@
   function badge(lineage) {
     if (!lineage) return h("span", { class: "badge", style: "background:#e5e7eb" }, "—");
     const bg = D.COLORS[lineage] || "#dddddd";
-    return h("span", { class: "badge", style: `background:${bg};color:${D.textOn(bg)}` }, lineage.replace("_", " "));
+    return h("span", { class: "badge", style: `background:${bg};color:${D.textOn(bg)}` }, lineage.replaceAll("_", " "));
   }
   const oneLine = t => (t || "").replace(/\s*\n+\s*/g, " ↵ ");
   const featLink = (id, text) => h("a", { href: "#/feature/" + id, class: "mono" }, text || id);
@@ -73,11 +73,15 @@
       h("div", { class: "card" }, h("h2", { style: "margin-top:0" }, "Atlas settings"),
         facts(Object.entries(o.settings).map(([k, v]) => [k, typeof v === "object" ? JSON.stringify(v) : String(v)])))));
     const chart = h("div", { class: "scroll" });
+    const noPrev = o.no_previous || [];
     app.append(h("div", { class: "card" }, h("h2", { style: "margin-top:0" }, "Lineage classes over depth"),
       h("p", { class: "muted" }, "Fraction of each layer's residual features per class; click a bar to list those features."),
+      noPrev.length ? h("p", { class: "muted", "data-testid": "no-previous" }, `Layer${noPrev.length > 1 ? "s" : ""} ${noPrev.join(", ")} ` +
+        "ha" + (noPrev.length > 1 ? "ve" : "s") + " no previous residual layer, so s(R) cannot be tested there: its classes are no_prev_*, not newborn.") : null,
       D.legend(o.classes), chart));
     D.drawLineage(chart, o.class_fractions, o.classes,
       (layer, cls) => { location.hash = `#/search?layer=${layer}&kind=res&lineage=${cls}`; });
+    app.append(P.shareCurves(o, api));
     if (o.quality && o.quality.summary) app.append(h("div", { class: "card scroll", "data-testid": "quality" },
       h("h2", { style: "margin-top:0" }, "SAE quality (held-out text, median per kind)"), qualityTable(o.quality.summary),
       o.quality.sites ? h("details", {}, h("summary", {}, "per site"), qualityTable(o.quality.sites)) : null));
@@ -211,25 +215,35 @@
     const bIn = h("input", { type: "range", min: 0, max: 1, step: 0.01, value: bt, name: "block_threshold" });
     const rOut = h("output", {}, fmt(rt, 2)), bOut = h("output", {}, fmt(bt, 2));
     const pickMode = h("input", { type: "checkbox", name: "pick" });
+    const belowNull = h("input", { type: "checkbox", name: "below_null", checked: p.get("below_null") === "1" });
+    const notes = h("div", { "data-testid": "graph-notes" });
+    const chain = P.permutationChain(id, api);
     const pickedList = h("div", { class: "picked-list" });
     app.append(h("h1", {}, "Flow graph of ", featLink(id)),
       h("div", { class: "controls card" },
         h("label", {}, h("span", {}, "residual chain s(R) ≥ ", rOut), rIn),
         h("label", {}, h("span", {}, "MLP / attention ≥ ", bOut), bIn),
+        h("label", { style: "flex-direction:row;align-items:center;gap:0.4rem", title: "admit links below their layer's null (chance-level matches)" },
+          belowNull, "below null"),
         h("label", { style: "flex-direction:row;align-items:center;gap:0.4rem" }, pickMode, "click picks nodes for steering"),
         info, exports),
-      D.legend(state.overview ? state.overview.classes : Object.keys(D.COLORS), true), box,
+      h("p", { class: "muted", style: "margin:0 0 0.4rem" }, "One vocabulary with the lineage classes: a residual link that is high by the atlas's " +
+        "threshold is never cut, and a link must beat its layer's null unless “below null” is ticked."),
+      notes, D.legend(state.overview ? state.overview.classes : Object.keys(D.COLORS), true), box, chain.element,
       h("h2", {}, "Steer with this graph"), pickedList);
     const steerBox = h("div");
     app.append(steerBox);
     let timer = null;
     const load = async () => {
-      const qs = `res_threshold=${rIn.value}&block_threshold=${bIn.value}`;
+      const qs = `res_threshold=${rIn.value}&block_threshold=${bIn.value}` + (belowNull.checked ? "&below_null=1" : "");
       history.replaceState(null, "", `#/graph/${id}?${qs}`);
       try {
         const g = await api(`graph/${enc(id)}?${qs}`);
         info.textContent = `${g.nodes.length} nodes, ${g.edges.length} edges` +
           (g.settings && g.settings.truncated ? ` (stopped at ${g.nodes.length} nodes: raise the thresholds)` : "");
+        notes.textContent = "";
+        if (g.notes && g.notes.length) notes.append(h("div", { class: "card warn" }, g.notes.map(t => h("p", { style: "margin:0.15rem 0" }, "⚠ " + t))));
+        chain.update(g.nodes.map(n => n.id));
         const redraw = () => D.drawFlow(box, g, {
           picked: state.picked,
           onClick: (n, ev) => {
@@ -253,8 +267,10 @@
     const onSlide = () => { rOut.textContent = fmt(rIn.value, 2); bOut.textContent = fmt(bIn.value, 2);
       clearTimeout(timer); timer = setTimeout(load, 180); };
     rIn.addEventListener("input", onSlide); bIn.addEventListener("input", onSlide);
+    belowNull.addEventListener("change", load);
     showPicked();
-    steerPanel(steerBox, { seed: id, picked: () => [...state.picked], thresholds: () => [rIn.value, bIn.value] });
+    steerPanel(steerBox, { seed: id, picked: () => [...state.picked], thresholds: () => [rIn.value, bIn.value],
+      belowNull: () => belowNull.checked });
     await load();
   }
   function seedForm(go) {
@@ -281,7 +297,7 @@
     if (seed) {
       const picked = state.pickSeed === seed ? [...state.picked] : [];
       steerPanel(box, { seed, picked: () => picked, thresholds: () => [p.get("res_threshold") || o.graph_defaults.res_threshold,
-        p.get("block_threshold") || o.graph_defaults.block_threshold] });
+        p.get("block_threshold") || o.graph_defaults.block_threshold], belowNull: () => p.get("below_null") === "1" });
     }
   }
   function themeFinder() {
@@ -329,6 +345,10 @@
       field("end s (linear)", h("input", { type: "number", name: "end_coefficient", step: "any", placeholder: "–", style: "width:5.5rem" })),
       field("magnitude of v", h("select", { name: "magnitude", title: "res_norm: s is a fraction of the layer's typical residual norm" },
         h("option", { value: "" }, "default (res_norm)"), ["res_norm", "activation", "theta", "none"].map(m => h("option", { value: m }, m)))),
+      field("steer tokens", h("select", { name: "window", title: "steering-vectors' min_token_index: which positions are edited" },
+        h("option", { value: "all" }, "all (prompt and generated)"), h("option", { value: "generated" }, "generated only"),
+        h("option", { value: "from" }, "from position…"))),
+      field("from position", h("input", { type: "number", name: "from_token", value: 0, min: 0, style: "width:5rem", disabled: true })),
       field("new tokens", h("input", { type: "number", name: "max_new_tokens", value: 32, min: 1, max: 256, style: "width:5rem" })),
       field("random seed", h("input", { type: "number", name: "random_seed", value: 0, style: "width:5rem" })),
       h("button", { type: "submit" }, "Generate"));
@@ -338,6 +358,8 @@
     const planBox = h("div", { class: "muted", "data-testid": "steer-plan" });
     box.append(form, status, bar, h("div", { class: "steer-out" },
       h("div", {}, h("h2", {}, "Unsteered"), plain), h("div", {}, h("h2", {}, "Steered"), steered)), planBox);
+    const win = form.querySelector("select[name=window]"), fromTok = form.querySelector("input[name=from_token]");
+    win.addEventListener("change", () => { fromTok.disabled = win.value !== "from"; });
     form.addEventListener("submit", async ev => {
       ev.preventDefault();
       const f = new FormData(form);
@@ -346,7 +368,8 @@
         mode: f.get("mode"), layer: f.get("layer") === "" ? null : +f.get("layer"), schedule: f.get("schedule"),
         coefficient: +f.get("coefficient"),
         end_coefficient: f.get("end_coefficient") === "" ? null : +f.get("end_coefficient"), magnitude: f.get("magnitude") || null, max_new_tokens: +f.get("max_new_tokens"), random_seed: +f.get("random_seed"),
-        res_threshold: +rt, block_threshold: +bt };
+        res_threshold: +rt, block_threshold: +bt, below_null: opt.belowNull ? opt.belowNull() : false,
+        generated_only: win.value === "generated", from_token: win.value === "from" ? +fromTok.value : 0 };
       const btn = form.querySelector("button"); btn.disabled = true;
       plain.textContent = ""; steered.textContent = ""; planBox.textContent = ""; status.classList.remove("error");
       try {
@@ -366,8 +389,10 @@
         error: "failed: " + j.error }[j.status] || j.status;
       ui.status.dataset.status = j.status;
       ui.plain.textContent = j.unsteered || ""; ui.steered.textContent = j.steered || "";
+      const w = j.window || {};
       if (j.plan && j.plan.length) ui.planBox.textContent = `${j.plan.length} steered features: ` +
-        j.plan.map(x => `${x.feature} (${fmt(x.coefficient, 2)})`).join(", ");
+        j.plan.map(x => `${x.feature} (${fmt(x.coefficient, 2)})`).join(", ") +
+        (w.generated_only ? "; generated tokens only" : w.from_token ? `; tokens from position ${w.from_token}` : "; every token");
       if (j.status === "done" || j.status === "error") { if (j.status === "error") ui.status.classList.add("error"); return j; }
       await new Promise(r => setTimeout(r, 300));
     }

@@ -5,10 +5,12 @@
 "use strict";
 (function () {
   const NS = "http://www.w3.org/2000/svg";
+  // saeflow.lineage.COLORS (the overview sends them too)
   const COLORS = {
-    translated: "#4e79a7", processed_mlp: "#59a14f", processed_att: "#edc948",
-    processed_both: "#b07aa1", newborn_mlp: "#e15759", newborn_att: "#f28e2b",
-    newborn_both: "#ff9da7", unexplained: "#bab0ac",
+    translated: "#4c78a8", processed_mlp: "#72b7b2", processed_att: "#9ecae9",
+    processed_both: "#54a24b", newborn_mlp: "#f58518", newborn_att: "#e45756",
+    newborn_both: "#b279a2", unexplained: "#bab0ac", no_prev_mlp: "#fdbf6f",
+    no_prev_att: "#fb9a99", no_prev_both: "#cab2d6", no_prev_unexplained: "#d9d9d9",
   };
   // block nodes (mlp / attention) are squares; the overview sends saeflow.layout's colours
   const KIND_COLORS = { res: "#4c78a8", mlp: "#f58518", att: "#e45756" };
@@ -220,10 +222,10 @@
       s.appendChild(sw); s.appendChild(document.createTextNode(text));
       div.appendChild(s);
     };
-    for (const c of classes) item(COLORS[c] || "#999", c.replace("_", " "), !withKinds);
+    for (const c of classes) item(COLORS[c] || "#999", c.replaceAll("_", " "), !withKinds);
     if (withKinds) { item(KIND_COLORS.mlp, "MLP feature", true); item(KIND_COLORS.att, "attention feature", true); }
     return div;
   }
 
-  window.SFDraw = { COLORS, KIND_COLORS, drawFlow, drawLineage, legend, hideTip, textOn };
+  window.SFDraw = { COLORS, KIND_COLORS, drawFlow, drawLineage, legend, showTip, hideTip, textOn };
 })();
