@@ -6,17 +6,7 @@
   const state = { overview: null, picked: new Set(), pickSeed: null };
 
   // ---- helpers ------------------------------------------------------------------------
-  function h(tag, attrs, ...kids) {
-    const e = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v == null || v === false) continue;
-      if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-      else if (k === "html") throw new Error("no raw html");
-      else e.setAttribute(k, v === true ? "" : v);
-    }
-    for (const k of kids.flat()) if (k != null) e.append(k instanceof Node ? k : String(k));
-    return e;
-  }
+  const h = P.h;
   async function api(path, options) {
     const r = await fetch("/api/" + path, options);
     let body;

@@ -227,5 +227,5 @@
     return div;
   }
 
-  window.SFDraw = { COLORS, KIND_COLORS, drawFlow, drawLineage, legend, showTip, hideTip, textOn };
+  window.SFDraw = { COLORS, KIND_COLORS, el, drawFlow, drawLineage, legend, showTip, hideTip, textOn };
 })();

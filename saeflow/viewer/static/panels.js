@@ -5,22 +5,18 @@
      one-to-one matches composed over depth, beside its cosine flow graph. */
 "use strict";
 (function () {
-  const NS = "http://www.w3.org/2000/svg";
-  const D = window.SFDraw;
+  const D = window.SFDraw, el = D.el;
   const KINDS = { res: "s(R)", mlp: "s(M)", att: "s(A)" };
   const DASH = { res: "", mlp: "6 3", att: "2 3" };
 
-  function el(name, attrs, parent) {
-    const e = document.createElementNS(NS, name);
-    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
-    if (parent) parent.appendChild(e);
-    return e;
-  }
+  /* an HTML element: attributes (on* are listeners; false/null are left out) and children */
   function h(tag, attrs, ...kids) {
     const e = document.createElement(tag);
     for (const [k, v] of Object.entries(attrs || {})) {
       if (v == null || v === false) continue;
-      if (k.startsWith("on")) e.addEventListener(k.slice(2), v); else e.setAttribute(k, v === true ? "" : v);
+      if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+      else if (k === "html") throw new Error("no raw html");
+      else e.setAttribute(k, v === true ? "" : v);
     }
     for (const k of kids.flat()) if (k != null) e.append(k instanceof Node ? k : String(k));
     return e;
@@ -135,5 +131,5 @@
     return { element: box, update(ids) { inGraph = new Set(ids); mark(); } };
   }
 
-  window.SFPanels = { drawCurves, shareCurves, permutationChain };
+  window.SFPanels = { h, drawCurves, shareCurves, permutationChain };
 })();
