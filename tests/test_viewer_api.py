@@ -248,6 +248,19 @@ def test_concurrent_requests_for_one_graph_trace_it_once(app, monkeypatch):
     assert len(calls) == 1 and len(out) == 8 and len(set(out)) == 1
     assert json.loads(out[0]) == view.graph_json(f, 0.42, 0.21)
     assert view.graph_bytes(f, 0.42, 0.21) is out[0] and len(calls) == 1  # cached
+    # thresholds under the layers' nulls give the same cuts (the atlas's rule): one trace,
+    # each answer with its own settings
+    nulls, t = view.atlas.null_thresholds, view.atlas.thresholds
+    assert all(0.42 < nulls[L]["res"] and 0.21 < min(t[L]["mlp"], t[L]["att"]) for L in (1, 2, 3))
+    first = json.loads(out[0])
+    for rt, bt in ((0.05, 0.05), (0.06, 0.2)):
+        low = json.loads(view.graph_bytes(f, rt, bt))
+        assert low["nodes"] == first["nodes"] and low["edges"] == first["edges"]
+        assert low["settings"]["res_threshold"] == rt == view.graph(f, rt, bt).settings[
+            "res_threshold"] and low["settings"]["block_threshold"] == bt
+    assert len(calls) == 1
+    view.graph_bytes(f, 0.99, 0.99)
+    assert len(calls) == 2  # other cuts: traced again
 
 
 def test_permutation_chain_composes_the_stored_permutations(setup, tmp_path):

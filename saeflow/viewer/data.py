@@ -161,7 +161,9 @@ class AtlasView:
         self._context_ready = threading.Event()
         self._stop = threading.Event()
         self._indexer: threading.Thread | None = None
-        self._graphs = _Memo(256)  # FlowGraph per (feature, thresholds, cap, below_null)
+        self._lock = threading.Lock()
+        self._cut_keys: dict[tuple, tuple] = {}
+        self._graphs = _Memo(256)  # (FlowGraph, layout) per (feature, cuts, cap, below_null)
         self._graph_bytes = _Memo(256)  # the /api/graph answer, encoded
         self._searches = _Memo(64)
         self._curves = _Memo(8)
@@ -456,17 +458,51 @@ class AtlasView:
               max_nodes: int = MAX_GRAPH_NODES, below_null: bool = False):
         """The traced flow graph (cached); it stops growing at ``max_nodes`` (then its
         ``settings["truncated"]`` is true): larger graphs are slow to trace and unreadable."""
-        from saeflow.flow import trace
-        key = (f, round(res_threshold, 4), round(block_threshold, 4), max_nodes, below_null)
-        return self._graphs.get(key, lambda: trace(self.atlas, f, res_threshold, block_threshold,
-                                                   max_nodes=max_nodes, below_null=below_null))
+        return self._traced(f, res_threshold, block_threshold, max_nodes, below_null)[0]
+
+    def _cuts(self, res_threshold: float, block_threshold: float, below_null: bool) -> tuple:
+        """The per-layer cuts ``trace`` applies (``Atlas.flow_cuts``), hashable: thresholds
+        that give the same cuts (say, any two below the atlas's own) give the same graph."""
+        key = (round(res_threshold, 4), round(block_threshold, 4), below_null)
+        with self._lock:
+            got = self._cut_keys.get(key)
+        if got is None:
+            cuts = self.atlas.flow_cuts(res_threshold, block_threshold, below_null, warn=False)[0]
+            got = tuple((L, *(c.get(k) if k in self.atlas.sources(L) else None
+                              for k in ("res", "mlp", "att")))  # a cut with no source is unused
+                        for L, c in sorted(cuts.items()))
+            with self._lock:
+                if len(self._cut_keys) > 4096:
+                    self._cut_keys.clear()
+                self._cut_keys[key] = got
+        return got
+
+    def _traced(self, f: Feature, res_threshold: float, block_threshold: float, max_nodes: int,
+                below_null: bool):
+        """(graph with these thresholds in its settings, its layout's JSON); the tracing and
+        the layout are cached per cuts, so a slider that moves below a layer's threshold costs
+        no new trace."""
+        from saeflow.flow import FlowGraph, trace
+        from saeflow.layout import layout
+
+        def make():
+            g = trace(self.atlas, f, res_threshold, block_threshold, max_nodes=max_nodes,
+                      below_null=below_null)
+            return g, layout(g).to_json()
+        key = (f, self._cuts(res_threshold, block_threshold, below_null), max_nodes, below_null)
+        graph, lay = self._graphs.get(key, make)
+        if (graph.settings["res_threshold"], graph.settings["block_threshold"]) != (
+                res_threshold, block_threshold):
+            graph = FlowGraph(graph.seed, graph.nodes, graph.edges,
+                              {**graph.settings, "res_threshold": res_threshold,
+                               "block_threshold": block_threshold})
+        return graph, lay
 
     def graph_json(self, f: Feature, res_threshold: float, block_threshold: float,
                    max_nodes: int = MAX_GRAPH_NODES, below_null: bool = False) -> dict:
-        from saeflow.layout import layout
-        graph = self.graph(f, res_threshold, block_threshold, max_nodes, below_null)
+        graph, lay = self._traced(f, res_threshold, block_threshold, max_nodes, below_null)
         data = graph.to_json()
-        data["layout"] = layout(graph).to_json()  # the positions the SVG/PNG export uses
+        data["layout"] = lay  # the positions the SVG/PNG export uses
         for n in data["nodes"]:
             n["kind"] = Site.parse(n["site"]).kind
             n["score"] = _num(n["score"])
