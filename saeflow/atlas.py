@@ -42,6 +42,7 @@ from saeflow.lineage import (DEFAULT_MIN_COS, DEFAULT_NULL, DEFAULT_NULL_SAMPLES
                              DEFAULT_QUANTILE, SCORE_KINDS)
 from saeflow.nulls import gaussian_directions, null_scores
 from saeflow.sites import Feature, Site
+from saeflow.sources import layer_sources
 from saeflow.thresholds import LineageMixin
 
 SCHEMA = "saeflow.atlas/1"
@@ -49,25 +50,6 @@ ATLAS_JSON = "atlas.json"
 SETTINGS_JSON = "settings.json"
 DEFAULT_K = 5
 _SEP = "\x1f"
-
-
-def layer_sources(sites: list[Site]) -> dict[int, dict[str, Site]]:
-    """For each layer with a residual SAE, the sites its features are matched against."""
-    have = set(sites)
-    out = {}
-    for s in sorted(x for x in have if x.kind == "res"):
-        L = s.layer
-        src = {}
-        if Site(L - 1, "res") in have if L > 0 else False:
-            src["res"] = Site(L - 1, "res")
-        if Site(L, "mlp") in have:
-            src["mlp"] = Site(L, "mlp")
-        if Site(L, "att") in have:
-            src["att"] = Site(L, "att")
-        elif Site(L, "att_z") in have:
-            src["att"] = Site(L, "att_z")
-        out[L] = src
-    return out
 
 
 def _fingerprint(suite) -> dict:

@@ -61,11 +61,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saeflow.compute import pad_batch
 from saeflow.block_edits import (Edit, block_inputs, edit_delta, edited_target_acts,
                                  iter_edited_acts, naive_target_acts)
 from saeflow.correlate import POWER_TOKENS, StreamingPearson, pearson_top1
 from saeflow.hooks import BlockRerun, run_sites
 from saeflow.sites import Feature, Site
+from saeflow.sources import source_sites as predecessor_sites
 
 __all__ = ["STRATEGIES", "DeactivationConfig", "DeactivationResult", "Edit", "PairOutcome",
            "SummaryRow", "block_inputs", "edit_delta", "edited_target_acts", "iter_edited_acts",
@@ -197,25 +199,10 @@ def tokenize_texts(lm, texts: Sequence[str], max_len: int) -> list[Tensor]:
     return out
 
 
-def predecessor_sites(suite, layer: int) -> dict[str, Site]:
-    """The source sites of ``layer/res`` that the suite has SAEs for, by kind."""
-    out = {}
-    for kind, site in (("res", Site(layer - 1, "res")), ("mlp", Site(layer, "mlp")),
-                       ("att", Site(layer, "att")), ("att", Site(layer, "att_z"))):
-        if kind not in out and site in suite:
-            out[kind] = site
-    return out
-
-
 def _batched_sites(lm, ids, sites, batch=8):
     """Yield (first text index, {site: [B, T, d]}) over right-padded batches of texts."""
     for i in range(0, len(ids), batch):
-        chunk = ids[i:i + batch]
-        T = max(len(x) for x in chunk)
-        inp = torch.zeros(len(chunk), T, dtype=torch.long)
-        mask = torch.zeros(len(chunk), T, dtype=torch.long)
-        for b, x in enumerate(chunk):
-            inp[b, :len(x)], mask[b, :len(x)] = x, 1
+        inp, mask = pad_batch([x.tolist() for x in ids[i:i + batch]])
         yield i, run_sites(lm, inp, sites, attention_mask=mask.to(lm.device))
 
 

@@ -15,9 +15,9 @@ Cosine top-k, ``cosine_topk(queries, keys, k)``:
      output) of the winner; rows that cannot be certified re-score the whole shortlist, and
      rows that still cannot are recomputed exactly in fp32. So the top-1 index and value always
      equal the exact fp32 answer; ranks 2..k are the best of the re-scored candidates (exact
-     fp32 values). ``precision="auto"`` uses bf16 when a one-off measurement finds bf16 matmuls
-     >= 1.3x faster here and rows are >= 1024 wide (below that, selection and re-scoring cost
-     more than the faster products save).
+     fp32 values). ``precision="auto"`` uses bf16 when bf16 matmuls are fast here
+     (``compute.bf16_is_fast``, a one-off measurement) and rows are >= 1024 wide (below that,
+     selection and re-scoring cost more than the faster products save).
 ``cosine_topk_pair`` gets both directions (a -> b and b -> a) from the same tiles.
 
 Permutation matching, ``permutation_match(sae_a, sae_b)``: fold JumpReLU thresholds, then
@@ -41,13 +41,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saeflow.compute import bf16_is_fast, bf16_speedup  # noqa: F401  (re-exported)
+from saeflow.configs import DEFAULT_BLOCK
 from saeflow.sae import SAE
 from saeflow.sites import Site
 
-DEFAULT_BLOCK = 4096
 DEFAULT_SHORTLIST = 16
 _U = 2.0 ** -8  # bf16 unit roundoff
-_PRECISION: dict[str, str] = {}
 
 
 class TopK(NamedTuple):
@@ -64,30 +64,16 @@ class Permutation(NamedTuple):
 
 
 # ---- precision ---------------------------------------------------------------------------
-def bf16_speedup() -> float:
-    """Measured once per process: fp32 matmul time / bf16 matmul time on this machine."""
-    if "speedup" not in _PRECISION:
-        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-        times = []
-        for x, y in ((a, b), (a.bfloat16(), b.bfloat16())):
-            x @ y
-            t0 = time.perf_counter()
-            for _ in range(3):
-                x @ y
-            times.append(time.perf_counter() - t0)
-        _PRECISION["speedup"] = f"{times[0] / max(times[1], 1e-9):.3f}"
-    return float(_PRECISION["speedup"])
-
-
 def resolve_precision(precision: str = "auto", d: int | None = None) -> str:
-    """``auto`` is bf16 when bf16 matmuls are >= 1.3x faster here and rows are at least 1024
-    wide; below that the shortlist's selection and re-scoring outweigh the faster products."""
+    """``auto`` is bf16 when bf16 matmuls are fast here (``compute.bf16_is_fast``) and rows are
+    at least 1024 wide; below that the shortlist's selection and re-scoring outweigh the faster
+    products."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     if precision == "auto":
         if d is not None and d < 1024:
             return "fp32"
-        return "bf16" if bf16_speedup() >= 1.3 else "fp32"
+        return "bf16" if bf16_is_fast() else "fp32"
     return precision
 
 

@@ -45,6 +45,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from saeflow.compute import pad_batch
+
 MIN_TOKENS = 4
 UNIGRAM_FULL = 0.5  # half of the content words repeat earlier ones: the unigram term is 1
 STOPWORDS = frozenset(
@@ -160,9 +162,7 @@ def continuation_nll(lm, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     for start in range(0, len(pairs), batch_size):
         chunk = [(list(p), list(n)) for p, n in pairs[start:start + batch_size]]
         seqs = [p + n for p, n in chunk]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=lm.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=lm.device)
+        ids, mask = pad_batch(seqs, pad, device=lm.device)
         logp = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         logp = logp.log_softmax(-1)
         for i, (p, n) in enumerate(chunk):

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from saeflow.compute import pad_batch, pad_id
 from saeflow.configs import ACTIONS, MAGNITUDES, MODES, SCHEDULES  # noqa: F401  (re-exported)
 from saeflow.hooks import editing
 from saeflow.magnitudes import feature_magnitudes  # noqa: F401  (re-exported)
@@ -325,14 +326,6 @@ class Generation:
     new_ids: tuple[int, ...]
 
 
-def _pad_id(tok) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        v = getattr(tok, name, None)
-        if v is not None:
-            return int(v)
-    return 0
-
-
 @torch.no_grad()
 def generate(lm, prompt: str | Sequence[str], plan: SteeringPlan | None = None,
              max_new_tokens: int = 36, *, suite=None, samples: int = 1, seed: int = 0,
@@ -355,7 +348,7 @@ def generate(lm, prompt: str | Sequence[str], plan: SteeringPlan | None = None,
     if plan is not None and suite is None:
         raise ValueError("steering needs the suite whose SAEs the plan's features belong to")
     tok = lm.tokenizer
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     eos = lm.model.generation_config.eos_token_id
     eos = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
     eos |= {int(tok.eos_token_id)} if getattr(tok, "eos_token_id", None) is not None else set()
@@ -377,10 +370,8 @@ def generate(lm, prompt: str | Sequence[str], plan: SteeringPlan | None = None,
     out: list[Generation] = []
     for b, start in enumerate(starts):
         chunk = encoded[start:start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=lm.device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk],
-                            device=lm.device)
+        ids, mask = pad_batch(chunk, pad, left=True, device=lm.device)
+        width = ids.shape[1]
         torch.manual_seed(seed * 1_000_003 + b)
         with (plan.apply(lm, suite, [len(c) for c in chunk]) if plan is not None
               else nullcontext()):

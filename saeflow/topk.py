@@ -11,8 +11,9 @@ operation is a row gather or a row scatter.
 
 Where the cost goes and what is done about it (see ``bench/bench_train.py``):
   - encoder forward: the ``[B, F]`` pre-activation matmul runs in bf16 when that is measurably
-    faster here (AMX/AVX512-BF16), then top-k; values are the bf16 pre-activations (0.4%
-    relative precision), ranking ties at that precision are broken arbitrarily;
+    faster here (``compute.bf16_is_fast``: AMX/AVX512-BF16), then top-k; values are the bf16
+    pre-activations (0.4% relative precision), ranking ties at that precision are broken
+    arbitrarily;
   - decoder: ``embedding_bag`` with per-sample weights sums the k chosen rows; its gradient with
     respect to the weights ``z`` is a k-row gather-dot;
   - weight gradients are sparse products: ``grad_W[f] = sum over (b, j) with idx[b, j] = f of
@@ -24,14 +25,13 @@ autograd on the dense formulation).
 
 from __future__ import annotations
 
-import time
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saeflow.compute import bf16_is_fast as bf16_matmul_is_fast  # noqa: F401  (train uses it)
 from saeflow.tokens import norm_limit, usable_tokens
 
 
@@ -89,23 +89,6 @@ def gather_sum_and_dot(idx_BK: Tensor, W_FD: Tensor, w_BK: Tensor):
     def dot(g_BD: Tensor) -> Tensor:
         return torch.autograd.grad(out, w_leaf, g_BD)[0]
     return out.detach(), dot
-
-
-@lru_cache(maxsize=None)
-def bf16_matmul_is_fast(d: int = 576, n: int = 2304, threshold: float = 1.5) -> bool:
-    """True when a bf16 ``[1024, d] @ [d, n]`` runs ``threshold`` times faster than fp32 here."""
-    a, b = torch.randn(1024, d), torch.randn(n, d)
-    ab, bb = a.bfloat16(), b.bfloat16()
-
-    def best(x, y):
-        x @ y.T
-        t = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            x @ y.T
-            t.append(time.perf_counter() - t0)
-        return min(t)
-    return best(a, b) / best(ab, bb) >= threshold
 
 
 def encode_pre(xc_BD: Tensor, W_enc_FD: Tensor, b_enc_F: Tensor,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -61,12 +60,11 @@ def test_planted_matches_and_classes(planted):
     assert fr[0]["translated"] == 0.0  # no R_{-1}
 
 
-def test_load_is_fast_and_memory_mapped(planted):
+def test_load_is_memory_mapped(planted):
+    """Loading reads no columns: they are memory-mapped (what makes opening an atlas fast)."""
     _, _, out = planted
-    t0 = time.perf_counter()
     atlas = Atlas.load(out)
     atlas.predecessors("2/res/5")
-    assert time.perf_counter() - t0 < 1.0
     assert isinstance(atlas.column(2, "pred_res_cos"), np.memmap)
     info = json.loads((out / "atlas.json").read_text())
     assert info["schema"] == "saeflow.atlas/1" and "threshold_rule" in info

@@ -150,3 +150,18 @@ def test_fractions_table_and_plot(tmp_path):
            for L, s in scores.items()}
     out = plot_lineage(per, tmp_path / "grid.png", thresholds=th, curves=curves, rule="rule")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_source_site_rule_for_the_atlas_and_deactivation():
+    """R_(L-1), M_L and A_L where the suite has SAEs; att_z stands in for att; none at layer 0."""
+    from saeflow.atlas import layer_sources
+    from saeflow.deactivate import predecessor_sites
+    from saeflow.sites import Site
+    from saeflow.sources import source_sites
+    have = {Site.parse(s) for s in ("0/res", "0/mlp", "0/att_z", "1/res", "1/att", "1/att_z",
+                                    "2/mlp", "3/res", "3/mlp")}
+    assert source_sites(have, 0) == {"mlp": Site(0, "mlp"), "att": Site(0, "att_z")}
+    assert source_sites(have, 1) == {"res": Site(0, "res"), "att": Site(1, "att")}
+    assert source_sites(have, 3) == {"mlp": Site(3, "mlp")}  # no 2/res
+    assert layer_sources(have) == {L: source_sites(have, L) for L in (0, 1, 3)}
+    assert predecessor_sites is source_sites

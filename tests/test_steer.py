@@ -294,6 +294,16 @@ def test_generated_only_leaves_the_prompt_alone_and_steers_new_tokens(lm, suite)
             SteeringPlan(plan.terms, from_token=bad)
 
 
+def test_padded_batches_left_for_generation_right_for_scoring():
+    from saeflow.compute import pad_batch, pad_id
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad=2, left=True)
+    assert ids.tolist() == [[5, 6, 7], [2, 2, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch([[5, 6, 7], [8]])
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert pad_batch([[]])[0].shape == (1, 1)
+    assert pad_id(byte_tokenizer()) == 2
+
+
 # ---- hook hygiene -------------------------------------------------------------------------------
 def test_hooks_never_leak(lm, suite, monkeypatch):
     plan = plan_from_graph(GRAPH, "cumulative", 3, coefficient=1.0)

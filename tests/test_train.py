@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from saeflow.formats import load_sae
 from saeflow.models import lm_from_model
@@ -17,6 +16,7 @@ from saeflow.catalog import load_suite
 from saeflow.topk import (TopKParams, TopKTrainer, dense_topk_loss, init_params, rows_grad,
                           topk_step)
 from saeflow.train import CHECKPOINT, TrainConfig, train_suite
+from tiny import tiny_llama
 
 
 class CharTokenizer:
@@ -44,10 +44,8 @@ def one_thread():
 
 
 def tiny_lm(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-    return lm_from_model(LlamaForCausalLM(cfg), CharTokenizer(), name="tiny-llama")
+    """tests/tiny.py's Llama with a character tokenizer."""
+    return lm_from_model(tiny_llama(seed), CharTokenizer(), name="tiny-llama")
 
 
 def text_file(tmp_path, n=300):

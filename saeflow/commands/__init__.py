@@ -19,6 +19,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "a .gguf file or a hub id")
 
 
+def add_fields(p: argparse.ArgumentParser, cls, helps: dict) -> None:
+    """One typed option per field of dataclass ``cls`` named in ``helps`` (field -> help, or
+    -> ``(flag, help)``; the flag is ``--n-seqs`` for ``n_seqs`` unless given), defaulting to the
+    field's default, which the help shows."""
+    from saeflow.recipes import config_default
+    for name, text in helps.items():
+        flag, text = text if isinstance(text, tuple) else ("--" + name.replace("_", "-"), text)
+        default = config_default(cls, name)
+        p.add_argument(flag, dest=name, type=type(default), default=default,
+                       help=f"{text} (default %(default)s)")
+
+
 def from_args(cls, args: argparse.Namespace, **values):
     """An instance of dataclass ``cls`` from the namespace attributes named like its fields
     (``values`` first)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from saeflow.commands import add_model_args, from_args
+from saeflow.commands import add_fields, add_model_args, from_args
 from saeflow.configs import ContextSettings
 
 
@@ -23,17 +23,12 @@ def add(subparsers) -> None:
                    help="the suite whose SAEs are encoded (default: the atlas's own)")
     p.add_argument("--source", default=d.source,
                    help="corpus: default, wiki, bbc, or a path to .txt files (default: default)")
-    p.add_argument("--tokens", dest="n_tokens", type=int, default=d.n_tokens,
-                   help="tokens to read (default %(default)s; more finds rarer features)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len,
-                   help="tokens per sequence (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="sequences per forward pass (%(default)s)")
-    p.add_argument("--top", dest="top_k", type=int, default=d.top_k,
-                   help="contexts kept per feature (%(default)s)")
+    add_fields(p, ContextSettings, {
+        "n_tokens": ("--tokens", "tokens to read (more finds rarer features)"),
+        "seq_len": "tokens per sequence", "batch_size": "sequences per forward pass",
+        "top_k": ("--top", "contexts kept per feature"), "seed": "corpus shuffling seed"})
     p.add_argument("--sites", default=None,
                    help="comma-separated sites (e.g. 10-14/res,12/mlp); default: all the atlas's")
-    p.add_argument("--seed", type=int, default=d.seed, help="corpus shuffling seed (%(default)s)")
     add_model_args(p)
     p.set_defaults(func=run)
 

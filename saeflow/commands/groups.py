@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saeflow.commands import add_model_args, from_args, joined, numbers
+from saeflow.commands import add_fields, add_model_args, from_args, joined, numbers
 from saeflow.configs import GroupsConfig
 
 
@@ -25,15 +25,10 @@ def add(subparsers) -> None:
     p.add_argument("--texts", default=None,
                    help="a .txt file or folder of texts (default: the bundled corpus, held out)")
     p.add_argument("--n-texts", type=int, default=250, help="texts used (default %(default)s)")
-    p.add_argument("--tokens-per-text", type=int, default=d.tokens_per_text,
-                   help="sampled tokens per text (default %(default)s)")
-    p.add_argument("--max-len", type=int, default=d.max_len,
-                   help="tokens kept per text (default %(default)s)")
-    p.add_argument("--min-group", type=int, default=d.min_group,
-                   help="members a group needs to be tested (default %(default)s)")
-    p.add_argument("--alpha", type=float, default=d.alpha,
-                   help="significance level (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    add_fields(p, GroupsConfig, {"tokens_per_text": "sampled tokens per text",
+                                 "max_len": "tokens kept per text",
+                                 "min_group": "members a group needs to be tested",
+                                 "alpha": "significance level", "seed": "random seed"})
     p.add_argument("--out", default="groups", help="output folder (default ./groups)")
     add_model_args(p)
     p.set_defaults(func=run)

@@ -20,29 +20,8 @@ def add(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _print_table(rows: list[dict], cols: list[str]) -> None:
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
-
-
 def run(args) -> int:
-    from saeflow.recipes.describe import describe
+    from saeflow.recipes.describe import describe, format_description
     what, info = describe(args.target, args.site)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    elif what == "sae":
-        for k, v in info.items():
-            print(f"{k:13s}{v}")
-    elif what == "preset":
-        for k, v in info.items():
-            v = ", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict) else v
-            print(f"{k:13s}{v}")
-        print("(files are fetched on first use; see `saeflow.presets` for where they go)")
-    else:
-        print(f"suite {info['suite']}: model {info['model'] or '(none named)'}, "
-              f"{info['n_sites']} sites over {len(info['layers'])} layers")
-        _print_table(info["sites"], ["site", "width", "d_in", "architecture", "input",
-                                     "decoder_norm", "source"])
+    print(json.dumps(info, indent=2) if args.json else format_description(what, info))
     return 0

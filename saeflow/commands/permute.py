@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from saeflow.commands import from_args
+from saeflow.commands import add_fields, from_args
 from saeflow.configs import HeldoutConfig, PermutationConfig, PersistenceConfig
 
 
@@ -28,28 +28,22 @@ def add(subparsers) -> None:
     p.add_argument("--spans", default=None,
                    help="start layers for composition, e.g. 5,10,15: direct vs composed "
                         "permutation to each later layer up to --max-distance")
-    p.add_argument("--max-distance", type=int, default=C.max_distance,
-                   help=f"longest span in layers (default {C.max_distance})")
     p.add_argument("--persistence", action="store_true",
                    help="persistence over depth on held-out text (loads the model)")
     p.add_argument("--starts", default=None,
                    help="persistence start layers (default: four spread over depth)")
-    p.add_argument("--n-features", type=int, default=C.n_features,
-                   help=f"persistence: features sampled per start (default {C.n_features})")
-    p.add_argument("--top-k", type=int, default=C.top_k,
-                   help=f"persistence: top contexts per feature embedded (default {C.top_k})")
-    p.add_argument("--level", type=float, default=C.level,
-                   help="persistence: the half distance is where the excess over chance falls "
-                        f"below this fraction of its value at distance 1 (default {C.level})")
+    add_fields(p, C, {"max_distance": "longest span in layers",
+                      "n_features": "persistence: features sampled per start",
+                      "top_k": "persistence: top contexts per feature embedded",
+                      "level": "persistence: the half distance is where the excess over chance "
+                               "falls below this fraction of its value at distance 1",
+                      "judge_pairs": "persistence: pairs judged per start and distance"})
     p.add_argument("--no-semantic", dest="semantic", action="store_false",
                    help="persistence: co-activation only (no sentence embeddings)")
     p.add_argument("--judge-url", default=None,
                    help="persistence: OpenAI-compatible endpoint of an optional LLM judge of "
                         "matched pairs (API key from $SAEFLOW_JUDGE_API_KEY if set)")
     p.add_argument("--judge-model", default=None, help="persistence: the judge's model name")
-    p.add_argument("--judge-pairs", type=int, default=C.judge_pairs,
-                   help=f"persistence: pairs judged per start and distance (default "
-                        f"{C.judge_pairs})")
     p.add_argument("--ablation", default=None, metavar="LAYERS",
                    help="folding x objective ablation on the pairs (u-1, u) for these u, e.g. "
                         "5,10,15,20 (loads the model)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from saeflow.commands import add_model_args, from_args
+from saeflow.commands import add_fields, add_model_args, from_args
 from saeflow.configs import OBJECTIVES, PRUNE_METHODS, HeldoutConfig, PermutationConfig
 
 
@@ -16,15 +16,10 @@ def add_text_args(p: argparse.ArgumentParser) -> None:
                    help="text: default, wiki, bbc (their held-out split) or a .txt file/folder")
     p.add_argument("--split", default=H.split, choices=["heldout", "train"],
                    help=f"corpus split to read (default {H.split})")
-    p.add_argument("--n-seqs", type=int, default=H.n_seqs,
-                   help=f"sequences of text (default {H.n_seqs})")
-    p.add_argument("--seq-len", type=int, default=H.seq_len,
-                   help=f"tokens per sequence (default {H.seq_len})")
-    p.add_argument("--batch-size", type=int, default=H.batch_size,
-                   help=f"sequences per forward pass (default {H.batch_size})")
-    p.add_argument("--outlier-factor", type=float, default=H.outlier_factor,
-                   help="tokens whose norm exceeds this x the batch median are not evaluated "
-                        f"(default {H.outlier_factor:g})")
+    add_fields(p, H, {"n_seqs": "sequences of text", "seq_len": "tokens per sequence",
+                      "batch_size": "sequences per forward pass",
+                      "outlier_factor": "tokens whose norm exceeds this x the batch median are "
+                                        "not evaluated"})
 
 
 def add_permutation_args(p: argparse.ArgumentParser) -> None:

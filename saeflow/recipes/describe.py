@@ -1,5 +1,6 @@
 """What ``saeflow info`` says about an SAE file or folder, a hub preset (from the registry,
-without downloading) or a suite, as plain values."""
+without downloading) or a suite, as plain values (``describe``) and as text
+(``format_description``)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,24 @@ def describe(target: str, site: str | None = None) -> tuple[str, dict]:
     rows = [sae_row(suite[s]) for s in suite.sites()]
     return "suite", {"suite": suite.name, "model": suite.model, "n_sites": len(rows),
                      "layers": suite.layers, "sites": rows}
+
+
+SUITE_COLUMNS = ["site", "width", "d_in", "architecture", "input", "decoder_norm", "source"]
+
+
+def format_description(what: str, info: dict) -> str:
+    """The text ``saeflow info`` prints for ``describe``'s answer."""
+    if what == "sae":
+        return "\n".join(f"{k:13s}{v}" for k, v in info.items())
+    if what == "preset":
+        lines = [f"{k:13s}" + (", ".join(f"{a}: {b}" for a, b in v.items())
+                               if isinstance(v, dict) else f"{v}") for k, v in info.items()]
+        return "\n".join(lines + ["(files are fetched on first use; see `saeflow.presets` for "
+                                   "where they go)"])
+    rows = info["sites"]
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in SUITE_COLUMNS}
+    lines = [f"suite {info['suite']}: model {info['model'] or '(none named)'}, "
+             f"{info['n_sites']} sites over {len(info['layers'])} layers",
+             "  ".join(c.ljust(widths[c]) for c in SUITE_COLUMNS)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in SUITE_COLUMNS) for r in rows]
+    return "\n".join(lines)
