@@ -39,14 +39,10 @@ def add(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from saeflow import convergence, quality
     from saeflow.catalog import load_suite
-    from saeflow.recipes.quality import run_quality
-    suite, saved = load_suite(args.suite, model=args.model), None
+    from saeflow.recipes.quality import run_quality, stored_quality
+    suite = load_suite(args.suite, model=args.model)
     if args.cached:
-        rows = quality.rows_from_json(suite.info.get("quality") or [])
-        if not rows:
-            raise ValueError(f"suite {suite.name!r} has no stored quality table; run without "
-                             "--cached to compute it")
-        report = suite.info.get("convergence")
+        rows, report, saved = stored_quality(suite)
     else:
         lm = suite.load_model(device=args.device, dtype=args.dtype)
         rows, report, saved = run_quality(suite, lm, from_args(QualityOptions, args), args.sites,

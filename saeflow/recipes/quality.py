@@ -74,3 +74,13 @@ def run_quality(suite, lm, opts: QualityOptions, sites: str | None = None, save:
     saved = store_quality(suite, rows, {**settings, "model_dtype": dtype},
                           f"{suite.name} ({lm.name})", merge=bool(sites)) if save else None
     return QualityRun(rows, report, saved)
+
+
+def stored_quality(suite) -> QualityRun:
+    """The table and diagnostics stored in the suite's ``suite.json`` (an error when none is)."""
+    from saeflow import quality
+    rows = quality.rows_from_json(suite.info.get("quality") or [])
+    if not rows:
+        raise ValueError(f"suite {suite.name!r} has no stored quality table; run without "
+                         "--cached to compute it")
+    return QualityRun(rows, suite.info.get("convergence"), None)
