@@ -24,7 +24,10 @@ from saeflow.recipes.distribute import Given, Pool, SuiteLoader  # noqa: E402
 def cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # KillOnce, on the workers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a worker of one CPU runs (and no spinning on a busy machine)
     yield
+    torch.set_num_threads(threads)
     ray.shutdown()
 
 
@@ -212,6 +215,35 @@ def test_atlas_layers_on_ray_equal_the_local_run(tmp_path):
     build_atlas(suite, opts, None, out=tmp_path / "killed-run", loader=loader)
     assert marker.exists()
     _same_atlas(tmp_path / "local", tmp_path / "killed-run")
+
+
+def test_atlas_on_ray_into_the_cache(tmp_path, monkeypatch):
+    from saeflow.atlas import ensure_atlas
+    from saeflow.recipes.atlas import AtlasOptions, build_atlas
+    from saeflow.synthetic import planted_suite
+    monkeypatch.setenv("SAEFLOW_CACHE", str(tmp_path / "cache"))
+    suite, _ = planted_suite(2, 64, 16, seed=7, name="cached-planted")
+    run = build_atlas(suite, AtlasOptions(labels=False, ray="local"), None)
+    assert run.atlas.root == tmp_path / "cache" / "atlases" / "cached-planted"
+    (run.atlas.root / "contexts.safetensors").write_bytes(b"computed contexts")
+    k2 = build_atlas(suite, AtlasOptions(k=2, labels=False, ray="local"), None).atlas
+    assert k2.info["settings"]["k"] == 2 and k2.column(1, "pred_res_idx").shape[1] == 2
+    assert (k2.root / "contexts.safetensors").read_bytes() == b"computed contexts"
+    monkeypatch.setenv("SAEFLOW_CACHE", str(tmp_path / "local"))
+    local = ensure_atlas(suite, k=2, labels=False, progress=False)
+    _same_atlas(local.root, k2.root)
+
+
+def test_ray_option_on_the_commands():
+    from saeflow.cli import build_parser
+    from saeflow.commands import steer_eval
+    parser = build_parser()
+    for extra, want in (([], None), (["--ray"], "local"), (["--ray", "auto"], "auto"),
+                        (["--ray", "10.0.0.5:6379"], "10.0.0.5:6379")):
+        args = parser.parse_args(["steer-eval", "starter", "--theme", "weddings", *extra])
+        assert steer_eval.config(args).ray == want
+        assert parser.parse_args(["deactivate", "starter", *extra]).ray == want
+        assert parser.parse_args(["atlas", "starter", *extra]).ray == want
 
 
 def test_pool_reuses_the_running_ray_and_reports_unit_errors():
