@@ -10,13 +10,13 @@ cores, so for corpora above ``FULL_LIMIT`` paragraphs only a shortlist is embedd
      5 letters (a crude stemmer: wedding/weddings, religion/religious, science/scientific);
      the ``4 n`` best (at least 128) are embedded. Nothing lexical matches: a seeded random
      sample of as many is embedded instead;
-  2. feedback round (pseudo-relevance feedback): the words of the ``n / 2`` (at least 8)
-     embedded paragraphs nearest to the description, in two of them or more, the 150 best by
-     idf x the share of those paragraphs containing them, are embedded as words (a few
-     tokens each, so cheap) and the 24 nearest to the description whose cosine exceeds the
-     candidates' median expand the query, weighted by that excess (the description's words at
-     the top weight); the ``8 n`` best (at least 256) of that BM25 not yet embedded are
-     embedded too;
+  2. two feedback rounds (pseudo-relevance feedback): the words of the ``n / 2`` (at least 8)
+     embedded paragraphs nearest to the description, the 300 best by idf x the share of those
+     paragraphs containing them, are embedded as words (a few tokens each, so cheap) and the
+     24 nearest to the description whose cosine exceeds the candidates' median expand the
+     query, weighted by that excess (the description's words at the top weight); the ``6 n``
+     (at least 192), then in the second round ``2 n`` (at least 64) best of that BM25 not yet
+     embedded are embedded too;
   3. the ``n`` nearest of everything embedded are the theme paragraphs (exact cosines, so the
      result equals the exact rule whenever the true nearest ``n`` are on the shortlist);
   4. background: the corpus in a seeded random order; the first ``max(2 m, 200)`` paragraphs
@@ -165,17 +165,17 @@ class LexicalIndex:
             out[d] += weight * self.idf[w] * tf * (self.k1 + 1) / (tf + self.norm[d])
         return out
 
-    def feedback_terms(self, docs: Sequence[int], n: int = 150) -> dict[str, str]:
+    def feedback_terms(self, docs: Sequence[int], n: int = 300, least: int = 1
+                       ) -> dict[str, str]:
         """Candidate expansion terms from ``docs``: ``{term: its commonest word there}``, the
-        ``n`` best by idf x the share of ``docs`` containing them (in at least two of them
-        when there are four or more: one paragraph's names are not the theme's words)."""
+        ``n`` best by idf x the share of ``docs`` containing them (in at least ``least`` of
+        them)."""
         share, surface = Counter(), Counter()
         for i in docs:
             words = [w for w in re.findall(r"[a-z]+", self.texts[i].lower())
                      if len(w) >= 3 and w not in STOPWORDS]
             share.update({w[:5] for w in words})
             surface.update(words)
-        least = 2 if len(docs) >= 4 else 1
         weight = {t: self.idf[t] * c for t, c in share.items() if t in self.idf and c >= least}
         top = sorted(weight, key=lambda t: (-weight[t], t))[:n]
         word = {}
@@ -203,12 +203,13 @@ def lexical_index(texts: Sequence[str]) -> LexicalIndex:
 
 # ---- retrieval ----------------------------------------------------------------------------------
 def _expand(index: LexicalIndex, docs: list[int], query: dict[str, float],
-            cache: EmbeddingCache, q: Tensor, n_terms: int = 24) -> tuple[dict[str, float], int]:
+            cache: EmbeddingCache, q: Tensor, n_terms: int = 24
+            ) -> tuple[dict[str, float], list[str]]:
     """The query expanded with the feedback terms whose words the embedder puts nearest to
-    the description (module docstring, step 2), and how many words were scored."""
+    the description (module docstring, step 2), and the words scored."""
     cands = index.feedback_terms(docs)
     if not cands:
-        return dict(query), 0
+        return dict(query), []
     cos = (cache.get(list(cands.values())) @ q).tolist()
     base = float(np.median(cos))
     ranked = sorted(zip(cands, cos), key=lambda x: -x[1])[:n_terms]
@@ -216,7 +217,7 @@ def _expand(index: LexicalIndex, docs: list[int], query: dict[str, float],
     peak = max(out.values(), default=1.0)
     for t in query:
         out[t] = max(out.get(t, 0.0), peak)
-    return out, len(cands)
+    return out, list(cands.values())
 
 
 def _top(scores: np.ndarray, k: int, exclude: set[int]) -> list[int]:
@@ -257,9 +258,12 @@ def retrieve(description: str, corpus: Sequence[str], embed: Embedder, n_theme: 
     if not first:
         first = random.Random(seed + 1).sample(range(len(corpus)), min(len(corpus), 128))
     embed_some(first)
-    best = sorted(sims, key=lambda i: -sims[i])[:max(8, n_theme // 2)]
-    expanded, n_words = _expand(index, best, query, cache, q)
-    embed_some(_top(index.scores(expanded), max(8 * n_theme, 256), set(sims)))
+    words: set[str] = set()
+    for size in (max(6 * n_theme, 192), max(2 * n_theme, 64)):  # two feedback rounds
+        best = sorted(sims, key=lambda i: -sims[i])[:max(8, n_theme // 2)]
+        expanded, scored = _expand(index, best, query, cache, q)
+        words.update(scored)
+        embed_some(_top(index.scores(expanded), size, set(sims)))
     shortlist = len(sims)
     top = sorted(sims, key=lambda i: (-sims[i], i))[:n_theme]
     chosen = set(top)
@@ -270,7 +274,7 @@ def retrieve(description: str, corpus: Sequence[str], embed: Embedder, n_theme: 
     cut = float(np.quantile([sims[i] for i in pool], BACKGROUND_QUANTILE)) if pool else math.inf
     bg = [i for i in pool if sims[i] < cut][:n_background]
     info = {"method": "shortlist", "corpus": len(corpus), "embedded": len(sims),
-            "shortlist": shortlist, "lexical": lexical, "words": n_words,
+            "shortlist": shortlist, "lexical": lexical, "words": len(words),
             "expansion": sorted(expanded, key=lambda w: -expanded[w])[:12],
             "cut": cut}
     return top, [sims[i] for i in top], bg, info
