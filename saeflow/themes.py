@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from saeflow.compute import pad_batch
 from saeflow.hooks import run_sites
 from saeflow.retrieval import Embedder
 from saeflow.sites import Feature, Site
@@ -164,9 +165,7 @@ def text_states(lm, texts: Sequence[str], sites: Sequence[Site], max_tokens: int
     ids = [tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
-        width = max(1, max(map(len, chunk)))
-        x = torch.tensor([c + [pad] * (width - len(c)) for c in chunk])
-        mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in chunk])
+        x, mask = pad_batch(chunk, pad)
         states = run_sites(lm, x, sites, attention_mask=mask.to(lm.device))
         for i, c in enumerate(chunk):
             yield start + i, {s: h[i, 1:len(c)] for s, h in states.items()}, c[1:]
