@@ -20,9 +20,14 @@ On disk (``out_dir``), columnar and memory-mapped on load:
   layers/012/lineage.npy                        [F_L] uint8 (index into lineage.CLASSES)
   layers/012/part.json                          sources, widths, timing
   labels/12-res.bin + labels/12-res.off.npy     promoted tokens (utf-8, \\x1f-separated)
+  labels/explanations/12-res.{bin,off.npy}      Neuronpedia explanations (when given)
+  contexts.safetensors                          top activating contexts (``saeflow.contexts``)
   atlas.json                                    settings, sites, widths, thresholds and rule
 Each layer directory is written to a temporary name and renamed, so an interrupted run resumes
-from the first missing layer; the label files are atomic per site.
+from the first missing layer; the label files are atomic per site and the contexts file
+resumes from its last checkpoint. Labels (``saeflow.labels``): promoted tokens through an
+unembedding prepared once for all sites, what each feature fires on from the contexts, and
+Neuronpedia's explanations; ``Atlas.label(f)`` is the one to show, ``Atlas.labels(f)`` all.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from saeflow.io import atomic_path, file_lock, temp_dir, write_bytes, write_json_atomic
+from saeflow.io import atomic_path, file_lock, temp_dir, write_json_atomic
+from saeflow.labels import DEFAULT_CONTEXTS, LabelsMixin, store_readable, write_strings
+from saeflow.lens import Unembedding
 from saeflow.lineage import (DEFAULT_MIN_COS, DEFAULT_NULL, DEFAULT_NULL_SAMPLES,
                              DEFAULT_QUANTILE, SCORE_KINDS)
 from saeflow.nulls import gaussian_directions, null_scores
@@ -49,7 +56,6 @@ SCHEMA = "saeflow.atlas/1"
 ATLAS_JSON = "atlas.json"
 SETTINGS_JSON = "settings.json"
 DEFAULT_K = 5
-_SEP = "\x1f"
 
 
 def _fingerprint(suite) -> dict:
@@ -81,27 +87,23 @@ def _save_npy(folder: Path, name: str, arr: np.ndarray) -> None:
     np.save(folder / f"{name}.npy", np.ascontiguousarray(arr))
 
 
-def _write_labels(folder: Path, site: Site, tokens: list[list[str]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    blobs = [_SEP.join(t).encode("utf-8") for t in tokens]
-    off = np.zeros(len(blobs) + 1, dtype=np.int64)
-    off[1:] = np.cumsum([len(b) for b in blobs])
-    write_bytes(folder / f"{site.slug}.bin", b"".join(blobs))
-    with atomic_path(folder / f"{site.slug}.off.npy") as tmp:  # its presence marks the site done
-        np.save(tmp, off)
-
-
 def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
                   block: int = 4096, precision: str = "auto",
                   null_samples: int = DEFAULT_NULL_SAMPLES, quantile: float = DEFAULT_QUANTILE,
                   thresholds=None, labels: bool = True, label_tokens: int = 6, seed: int = 0,
                   progress: bool = True, null: str = DEFAULT_NULL,
-                  min_cos: float = DEFAULT_MIN_COS, null_suite=None, calibration=None) -> Atlas:
+                  min_cos: float = DEFAULT_MIN_COS, null_suite=None, calibration=None,
+                  contexts=None, context_texts=None, explanations=None) -> Atlas:
     """Compute (or resume) the atlas of ``suite`` into ``out_dir`` (module docstring). Labels
-    need ``lm``; without it they are skipped. The threshold rule: ``null`` (gaussian, rotation,
-    or reference, which needs ``null_suite``: SAEs of the same residual sites trained with
-    another seed), ``quantile``, ``min_cos``, a ``thresholds.Calibration`` and ``thresholds``
-    overrides (see ``lineage.resolve_thresholds``)."""
+    need ``lm``; without it they are skipped. With labels, ``contexts`` (a
+    ``contexts.ContextSettings``, e.g. ``DEFAULT_CONTEXTS``; None: none) also stores the
+    features' top activating contexts, from the corpus or ``context_texts``, for the labels of
+    what each feature fires on (an existing contexts file is kept or resumed as it is), and
+    ``explanations`` (the folder holding Neuronpedia's ``v1/{modelId}/{source}/explanations``)
+    stores Neuronpedia's explanations of the suite's features. The threshold rule: ``null``
+    (gaussian, rotation, or reference, which needs ``null_suite``: SAEs of the same residual
+    sites trained with another seed), ``quantile``, ``min_cos``, a ``thresholds.Calibration``
+    and ``thresholds`` overrides (see ``lineage.resolve_thresholds``)."""
     out = Path(out_dir)
     sites = suite.sites()
     sources = layer_sources(sites)
@@ -124,7 +126,9 @@ def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
     with _exclusive(out):
         return _compute(suite, out, lm, settings, rule, k=k, block=block, precision=precision,
                         null_samples=null_samples, labels=labels, label_tokens=label_tokens,
-                        seed=seed, progress=progress, null_suite=null_suite)
+                        seed=seed, progress=progress, null_suite=null_suite,
+                        readable=dict(contexts=contexts, texts=context_texts,
+                                      explanations=explanations))
 
 
 def _check_null(suite, sources, null: str, null_suite) -> None:
@@ -150,7 +154,8 @@ def _exclusive(out: Path):
 
 
 def _compute(suite, out: Path, lm, settings: dict, rule: dict, *, k, block, precision,
-             null_samples, labels, label_tokens, seed, progress, null_suite) -> Atlas:
+             null_samples, labels, label_tokens, seed, progress, null_suite,
+             readable: dict) -> Atlas:
     from tqdm.auto import tqdm
 
     from saeflow.match import Operand, resolve_precision, residual_decoder
@@ -167,6 +172,7 @@ def _compute(suite, out: Path, lm, settings: dict, rule: dict, *, k, block, prec
         shutil.rmtree(stale, ignore_errors=True)
     do_labels = labels and lm is not None
     t_start = time.perf_counter()
+    unembedding, label_seconds = None, 0.0
     prev: tuple[int, object] | None = None  # (layer, Operand of R_layer) for the next layer
     bar = tqdm(sorted(sources), desc=f"atlas {suite.name}", unit="layer", disable=not progress)
     for L in bar:
@@ -187,14 +193,22 @@ def _compute(suite, out: Path, lm, settings: dict, rule: dict, *, k, block, prec
             _match_layer(suite, lm, L, sources[L], R, reuse, part, k=k, block=block,
                          null_samples=null_samples, seed=seed, null_suite=null_suite)
         if need_labels:
-            for site in [Site(L, "res"), *(s for s in sources[L].values() if s.layer == L)]:
-                if not (out / "labels" / f"{site.slug}.off.npy").exists():
-                    dirs = res_dirs if site.kind == "res" else residual_decoder(suite, site, lm)
-                    _write_labels(out / "labels", site, lm.promoted_tokens(dirs, k=label_tokens))
+            t0 = time.perf_counter()
+            unembedding = unembedding or Unembedding(lm)
+            todo = [s for s in [Site(L, "res"), *(s for s in sources[L].values() if s.layer == L)]
+                    if not (out / "labels" / f"{s.slug}.off.npy").exists()]
+            dirs = [res_dirs if s.kind == "res" else residual_decoder(suite, s, lm) for s in todo]
+            for site, tokens in zip(todo, unembedding.promoted_many(dirs, k=label_tokens)):
+                write_strings(out / "labels", site, tokens)
+            label_seconds += time.perf_counter() - t0
         prev = None if R is None else (L, R)
     bar.close()
+    if labels:  # the contexts need the model, Neuronpedia's explanations do not
+        label_seconds += store_readable(suite, out, lm, **{
+            **readable, "contexts": readable["contexts"] if lm is not None else None},
+            progress=progress)
     return _finalize(out, suite, sources, settings, rule, do_labels, lm,
-                     time.perf_counter() - t_start)
+                     time.perf_counter() - t_start, label_seconds)
 
 
 def _match_layer(suite, lm, L: int, sources: dict[str, Site], R, prev_R, part: Path, *, k: int,
@@ -241,7 +255,7 @@ def _match_layer(suite, lm, L: int, sources: dict[str, Site], R, prev_R, part: P
 
 
 def _finalize(out: Path, suite, sources, settings, rule: dict, do_labels, lm,
-              seconds) -> Atlas:
+              seconds, label_seconds: float = 0.0) -> Atlas:
     parts = {L: json.loads((out / "layers" / f"{L:03d}" / "part.json").read_text())
              for L in sources}
     widths = {}
@@ -258,7 +272,7 @@ def _finalize(out: Path, suite, sources, settings, rule: dict, do_labels, lm,
                          "precision": prec, "quantile": rule["quantile"], "labels": do_labels},
             "match_seconds": sum(p["match_seconds"] for p in parts.values()),
             "match_flops": sum(p["match_flops"] for p in parts.values()),
-            "seconds_this_run": seconds}
+            "label_seconds_this_run": label_seconds, "seconds_this_run": seconds}
     atlas = Atlas(out, info).with_thresholds(
         rule["thresholds"], rule["quantile"], null=rule["null"], min_cos=rule["min_cos"],
         calibration=rule["calibration"])
@@ -272,11 +286,14 @@ def _finalize(out: Path, suite, sources, settings, rule: dict, do_labels, lm,
 def ensure_atlas(suite, lm=None, *, k: int = DEFAULT_K, null_samples: int = DEFAULT_NULL_SAMPLES,
                  seed: int = 0, label_tokens: int = 6, quantile: float | None = None,
                  thresholds=None, null: str | None = None, min_cos: float | None = None,
-                 calibration=None, null_suite=None, **kwargs) -> Atlas:
+                 calibration=None, null_suite=None, contexts=DEFAULT_CONTEXTS,
+                 explanations=None, **kwargs) -> Atlas:
     """The atlas of ``suite`` from ``cache_dir()/atlases/<suite name>``, computed there first if
     it is missing, stale (the suite's files or the settings changed), or lacks labels that
-    ``lm`` can add. ``quantile``/``thresholds``/``null``/``min_cos``/``calibration`` only
-    reclassify; ``kwargs`` go to ``compute_atlas`` (block, precision, labels, progress)."""
+    ``lm`` can add (promoted tokens, the ``contexts`` of the fires-on labels: by default
+    ``labels.DEFAULT_CONTEXTS``, Neuronpedia ``explanations`` from that folder).
+    ``quantile``/``thresholds``/``null``/``min_cos``/``calibration`` only reclassify;
+    ``kwargs`` go to ``compute_atlas`` (block, precision, labels, progress)."""
     from saeflow.models import cache_dir
 
     out = cache_dir() / "atlases" / suite.name
@@ -291,7 +308,9 @@ def ensure_atlas(suite, lm=None, *, k: int = DEFAULT_K, null_samples: int = DEFA
     rule = dict(quantile=quantile, null=null, min_cos=min_cos, calibration=calibration)
     if (out / ATLAS_JSON).exists():
         atlas = Atlas.load(out)
-        if lm is None or atlas.has_labels or not kwargs.get("labels", True):
+        complete = atlas.has_labels and (contexts is None or atlas.has_contexts) and (
+            explanations is None or atlas.has_explanations)
+        if lm is None or complete or not kwargs.get("labels", True):
             if thresholds is None and all(v is None for v in rule.values()):
                 return atlas
             return atlas.with_thresholds(thresholds, **rule)
@@ -300,14 +319,17 @@ def ensure_atlas(suite, lm=None, *, k: int = DEFAULT_K, null_samples: int = DEFA
                          quantile=DEFAULT_QUANTILE if quantile is None else quantile,
                          null=DEFAULT_NULL if null is None else null,
                          min_cos=DEFAULT_MIN_COS if min_cos is None else min_cos,
-                         calibration=calibration, null_suite=null_suite, **kwargs)
+                         calibration=calibration, null_suite=null_suite, contexts=contexts,
+                         explanations=explanations, **kwargs)
 
 
 @dataclass
-class Atlas(LineageMixin):
+class Atlas(LineageMixin, LabelsMixin):
     """A computed atlas (``Atlas.load(dir)``); columns are memory-mapped on first use. Lineage
     and threshold methods (``with_thresholds``, ``lineage``, ``class_fractions``,
-    ``share_curves``, ``flow_cuts``, ...) come from ``thresholds.LineageMixin``."""
+    ``share_curves``, ``flow_cuts``, ...) come from ``thresholds.LineageMixin``; labels
+    (``label``, ``labels``, ``tokens``, ``fires_on``, ``explanation``) from
+    ``labels.LabelsMixin``."""
     root: Path
     info: dict
     _cols: dict = field(default_factory=dict, repr=False)
@@ -433,26 +455,3 @@ class Atlas(LineageMixin):
                                                                          "pred_res_cos")
         hit = np.flatnonzero(np.asarray(idx[:, 0]) == f.index)
         return [(Feature(Site(f.layer + 1, "res"), int(j)), float(cos[j, 0])) for j in hit]
-
-    # ---- labels -------------------------------------------------------------------------
-    def tokens(self, feature) -> list[str]:
-        """The tokens the feature's decoder row promotes most (empty without labels)."""
-        f = self.feature(feature)
-        if f.site not in self._labels:
-            off_path = self.root / "labels" / f"{f.site.slug}.off.npy"
-            entry = None
-            if off_path.exists():
-                off = np.load(off_path, mmap_mode="r")
-                blob = (np.memmap(self.root / "labels" / f"{f.site.slug}.bin", dtype=np.uint8,
-                                  mode="r") if off[-1] > 0 else np.zeros(0, np.uint8))
-                entry = (off, blob)
-            self._labels[f.site] = entry
-        if self._labels[f.site] is None:
-            return []
-        off, blob = self._labels[f.site]
-        raw = bytes(blob[int(off[f.index]):int(off[f.index + 1])])
-        return raw.decode("utf-8", errors="replace").split(_SEP) if raw else []
-
-    def label(self, feature) -> str:
-        """The promoted tokens as one short string ("" without labels)."""
-        return " · ".join(t.strip() or repr(t) for t in self.tokens(feature))

@@ -26,18 +26,28 @@ from saeflow.lineage import COLORS
 _LANES = ("att", "mlp", "res")
 
 
-def render(graph: FlowGraph, fmt: str) -> str | bytes:
-    """The graph in ``fmt`` (``FORMATS``): bytes for png, text for the others."""
+def graph_labels(atlas, graph: FlowGraph) -> dict:
+    """Every reading of the graph's features (``Atlas.labels``: the label, what it fires on,
+    a context, the promoted tokens, Neuronpedia's explanation), for ``render(..., labels=)``."""
+    return {n.feature: atlas.labels(n.feature) for n in graph.nodes}
+
+
+def render(graph: FlowGraph, fmt: str, labels: dict | None = None) -> str | bytes:
+    """The graph in ``fmt`` (``FORMATS``): bytes for png, text for the others. ``labels``
+    (``graph_labels(atlas, graph)``) adds the second reading of each feature: the promoted
+    tokens under the label in DOT, every reading as GraphML attributes, the promoted tokens as
+    the feature files' logits in the neuronpedia export."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown graph format {fmt!r}; known: {', '.join(FORMATS)}")
+    labels = labels or {}
     if fmt == "json":
         return json.dumps(graph.to_json(), indent=2)
     if fmt == "graphml":
-        return _graphml(graph)
+        return _graphml(graph, labels)
     if fmt == "dot":
-        return _dot(graph)
+        return _dot(graph, labels)
     if fmt == "neuronpedia":
-        return json.dumps(neuronpedia(graph), indent=2)
+        return json.dumps(neuronpedia(graph, labels), indent=2)
     return _draw(graph, fmt)
 
 
@@ -52,9 +62,14 @@ def _printable(text) -> str:
     return "".join(ch if ch.isprintable() else "\ufffd" for ch in str(text))
 
 
-def _graphml(graph: FlowGraph) -> str:
+def _graphml(graph: FlowGraph, labels: dict) -> str:
     import networkx as nx
     g = graph.to_networkx()
+    for n in graph.nodes:
+        if n.feature in labels:
+            lab = labels[n.feature]
+            g.nodes[str(n.feature)].update(fires_on=lab.fires_on, context=lab.context,
+                                           promotes=lab.promotes, explanation=lab.explanation)
     for _, data in g.nodes(data=True):
         for k, v in list(data.items()):
             if v is None:
@@ -70,7 +85,11 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _dot(graph: FlowGraph) -> str:
+def _dot_text(text: str, n: int = 40) -> str:
+    return _printable(text[:n]).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _dot(graph: FlowGraph, labels: dict) -> str:
     lines = ["digraph flow {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", '
              'fontname="Helvetica", fontsize=10];', f"  label={_q('flow of ' + str(graph.seed))};"]
     for layer in graph.layers:
@@ -81,7 +100,10 @@ def _dot(graph: FlowGraph) -> str:
                 continue
             text = f"{n.feature}\\n{n.lineage or n.feature.kind}"
             if n.label:
-                text += "\\n" + _printable(n.label[:40]).replace("\\", "\\\\").replace('"', '\\"')
+                text += "\\n" + _dot_text(n.label)
+            second = labels[n.feature].lines()[1] if n.feature in labels else ""
+            if second:
+                text += "\\n" + _dot_text(second)
             pen = ", penwidth=3" if n.feature == graph.seed else ""
             lines.append(f'    {_q(n.feature)} [label="{text}", fillcolor="{_node_color(n)}"'
                          f"{pen}];")
@@ -148,7 +170,7 @@ def _draw(graph: FlowGraph, fmt: str) -> str | bytes:
     return data if fmt == "png" else data.decode("utf-8")
 
 
-def neuronpedia(graph: FlowGraph) -> dict:
+def neuronpedia(graph: FlowGraph, labels: dict | None = None) -> dict:
     """The graph as an attribution-graph JSON (``saeflow.neuronpedia.graph_json``)."""
     from saeflow.neuronpedia import graph_json
-    return graph_json(graph)
+    return graph_json(graph, labels)

@@ -142,15 +142,23 @@ class LM:
         return (self.model.get_submodule(self.arch.final_norm),
                 self.model.get_output_embeddings().weight.detach())
 
-    def promoted_tokens(self, directions: Tensor, k: int = 8) -> list[list[str]]:
-        """Data-free labels: the tokens each direction ``[F, d_model]`` promotes most through
-        the unembedding (the logit lens, with the final norm's gain applied)."""
+    def lens_directions(self, directions: Tensor) -> Tensor:
+        """Directions ``[F, d_model]`` as the unembedding reads them (the logit lens): times the
+        final norm's gain, in the unembedding's dtype and device."""
         norm, W_U = self.unembed()
         gain = getattr(norm, "weight", None)
         d = directions.to(W_U.dtype).to(W_U.device)
         if gain is not None:
-            g = gain.detach().to(d.dtype)
-            d = d * (self.arch.gain_offset + g)
+            d = d * (self.arch.gain_offset + gain.detach().to(d.dtype))
+        return d
+
+    def promoted_tokens(self, directions: Tensor, k: int = 8) -> list[list[str]]:
+        """Data-free labels: the tokens each direction ``[F, d_model]`` promotes most through
+        the unembedding (the logit lens, with the final norm's gain applied). The plain fp32
+        product, chunk by chunk; ``saeflow.lens.Unembedding`` gives the same tokens for many
+        sites at a fraction of the cost."""
+        _, W_U = self.unembed()
+        d = self.lens_directions(directions)
         out = []
         for chunk in d.split(1024):
             idx = (chunk @ W_U.T).topk(k, dim=-1).indices

@@ -78,15 +78,22 @@ def _influence(graph: FlowGraph) -> dict[Feature, float]:
     return out
 
 
+def _label(labels: dict, f: Feature, default: str) -> str:
+    """``labels[f]`` as one string: a plain string, or ``labels.FeatureLabels``' label."""
+    got = labels.get(f)
+    return default if got is None else got if isinstance(got, str) else got.label
+
+
 def graph_json(graph: FlowGraph, labels: dict | None = None, urls: dict | None = None) -> dict:
     """The flow graph as circuit-tracer's attribution-graph JSON (module docstring).
-    ``labels`` / ``urls``: per feature, a label to use instead of the node's and a page link."""
+    ``labels`` / ``urls``: per feature, a label to use instead of the node's (a string or
+    ``labels.FeatureLabels``) and a page link."""
     labels, urls = labels or {}, urls or {}
     influence = _influence(graph)
     nodes = []
     for n in graph.nodes:
         f = n.feature
-        label = labels.get(f, n.label)
+        label = _label(labels, f, n.label)
         clerp = f"{f} {n.lineage or f.kind}" + (f": {label}" if label else "")
         node = {"node_id": node_id(f), "feature": feature_code(f), "layer": str(f.layer),
                 "ctx_idx": COLUMNS[f.kind], "feature_type": "cross layer transcoder",
@@ -123,11 +130,17 @@ def graph_json(graph: FlowGraph, labels: dict | None = None, urls: dict | None =
             "nodes": nodes, "links": links}
 
 
-def feature_file(f: Feature, label: str) -> dict:
+def feature_file(f: Feature, label, tokens: list[str] | None = None) -> dict:
     """A feature file in the format circuit-tracer's frontend loads (no activation examples:
-    a flow graph is computed from weights; the label stands in the logits row)."""
+    a flow graph is computed from weights). Its logits row holds the label and then the
+    promoted ``tokens`` (``label``: a string or ``labels.FeatureLabels``, whose promoted tokens
+    are used)."""
+    if not isinstance(label, str):
+        tokens = [t for t in label.promotes.split(" · ") if t] if label.promotes else tokens
+        label = label.label
+    logits = ([label] if label else []) + [t for t in (tokens or []) if t != label]
     return {"transcoder_id": str(f.site), "index": feature_code(f), "examples_quantiles": [],
-            "top_logits": [label] if label else [], "bottom_logits": [], "act_min": 0.0,
+            "top_logits": logits, "bottom_logits": [], "act_min": 0.0,
             "act_max": 1.0, "quantile_values": [], "histogram": [], "activation_frequency": 0.0}
 
 

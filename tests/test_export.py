@@ -136,3 +136,30 @@ def test_cli_graph(graph_and_dir, tmp_path):
     assert r.returncode == 2 and "out of range" in r.stderr
     r = subprocess.run(base[:5] + ["2/bogus/1"], capture_output=True, text=True)
     assert r.returncode == 2 and "cannot parse feature" in r.stderr
+
+
+def test_exports_carry_both_label_lines(graph_and_dir):
+    """With ``labels`` (``graph_labels``' readings) DOT shows the promoted tokens under the
+    label, GraphML carries every reading (control characters escaped), and the neuronpedia
+    feature files list the label, then the promoted tokens."""
+    from saeflow.export import graph_labels
+    from saeflow.labels import FeatureLabels
+    from saeflow.neuronpedia import feature_file, graph_json
+    g, _, atlas = graph_and_dir
+    plain = graph_labels(atlas, g)  # no model: no readings
+    assert set(plain) == set(g.features) and all(v.label == "" for v in plain.values())
+    labels = {f: FeatureLabels(f"fires {f.index}", f"fires {f.index}", "…«x»\x01…",
+                               "p1 · p\x002", "") for f in g.features}
+    dot = render(g, "dot", labels)
+    assert "promotes p1 · p\ufffd2" in dot and "\x00" not in dot
+    root = ET.fromstring(render(g, "graphml", labels))
+    ns = {"g": "http://graphml.graphdrawing.org/xmlns"}
+    keys = {k.get("attr.name"): k.get("id") for k in root.findall("g:key", ns)}
+    seed = root.find(f"g:graph/g:node[@id='{g.seed}']", ns)
+    data = {d.get("key"): d.text for d in seed.findall("g:data", ns)}
+    assert data[keys["promotes"]] == "p1 · p\ufffd2" and data[keys["context"]] == "…«x»\ufffd…"
+    nodes = {n["node_id"]: n for n in graph_json(g, labels)["nodes"]}
+    seed_node = nodes[f"{g.seed.layer}_{g.seed.index}_1"]
+    assert seed_node["clerp"].endswith(f": fires {g.seed.index}")
+    assert feature_file(g.seed, labels[g.seed])["top_logits"] == [f"fires {g.seed.index}",
+                                                                 "p1", "p\x002"]
