@@ -191,15 +191,18 @@ def _fingerprint(suite, site: Site) -> str:
 
 
 class PermutationStore:
-    """Stored permutations of one suite under one config (module docstring, "Storage")."""
+    """Stored permutations of one suite under one config (module docstring, "Storage").
+    ``read_only`` (the viewer): nothing is written, cleared or computed; a pair that is not
+    stored under these settings is missing (``get`` raises ``KeyError``)."""
 
     def __init__(self, suite, config: PermutationConfig = PermutationConfig(),
-                 out_dir: str | Path | None = None):
-        self.suite, self.config = suite, config
+                 out_dir: str | Path | None = None, read_only: bool = False):
+        self.suite, self.config, self.read_only = suite, config, read_only
         self.root = Path(out_dir) if out_dir is not None else default_out(suite)
         self.folder = self.root / config.tag
         self._prints: dict[Site, str] = {}
         self._cache: dict[tuple[Site, Site], PairResult] = {}
+        self._stale = False
         self._open()
 
     def _settings(self) -> dict:
@@ -207,6 +210,9 @@ class PermutationStore:
 
     def _open(self) -> None:
         path = self.folder / SETTINGS_JSON
+        if self.read_only:
+            self._stale = not path.exists() or json.loads(path.read_text()) != self._settings()
+            return
         if path.exists():
             old = json.loads(path.read_text())
             if old != self._settings():
@@ -228,7 +234,7 @@ class PermutationStore:
 
     def stored(self, a: Site, b: Site) -> PairResult | None:
         npy, meta = self._paths(a, b)
-        if not meta.exists() or not npy.exists():
+        if self._stale or not meta.exists() or not npy.exists():
             return None
         info = json.loads(meta.read_text())
         if info.get("fingerprints") != [self.fingerprint(a), self.fingerprint(b)]:
@@ -243,6 +249,8 @@ class PermutationStore:
         if (a, b) in self._cache:
             return self._cache[(a, b)]
         res = self.stored(a, b)
+        if res is None and self.read_only:
+            raise KeyError(f"the permutation {a} -> {b} is not stored in {self.folder}")
         if res is None:
             if a not in self.suite or b not in self.suite:
                 missing = [str(s) for s in (a, b) if s not in self.suite]
