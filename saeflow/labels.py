@@ -123,6 +123,8 @@ def store_readable(suite, out: Path, lm, *, contexts, texts, explanations,
     """Contexts for the fires-on labels and Neuronpedia's explanations, stored in the atlas
     folder ``out`` (``atlas.compute_atlas``); returns the seconds spent."""
     t0 = time.perf_counter()
+    if contexts is not None and getattr(lm, "tokenizer", None) is None:
+        contexts = None  # a model without a tokenizer cannot read text: promoted tokens only
     if contexts is not None:
         from dataclasses import asdict
 

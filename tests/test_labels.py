@@ -160,3 +160,30 @@ def test_atlas_labels_from_contexts_and_explanations(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
         compute_atlas(suite, tmp_path / "atlas", lm, null_samples=64, progress=False,
                       explanations=tmp_path / "missing")
+
+
+def test_ensure_atlas_adds_contexts_when_missing(tmp_path, monkeypatch):
+    """A cached atlas without contexts gets them (and its fires-on labels) when asked with a
+    model; one whose model has no tokenizer keeps the promoted tokens."""
+    from saeflow.atlas import ensure_atlas
+    from saeflow.contexts import ContextSettings
+    from saeflow.synthetic import planted_suite
+    from tests.tiny import tiny_llama_lm
+
+    monkeypatch.setenv("SAEFLOW_CACHE", str(tmp_path / "cache"))
+    lm = tiny_llama_lm(max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+                       pad_token_id=None)
+    suite, _ = planted_suite(n_layers=2, width=48, d_model=lm.d_model, seed=3, name="ctx")
+    bare = ensure_atlas(suite, lm, null_samples=64, contexts=None, progress=False)
+    assert bare.has_labels and not bare.has_contexts
+    f = "1/res/0"
+    assert bare.label(f) == bare.promoted(f)
+    no_tok = tiny_llama_lm(tokenizer=False)
+    assert not ensure_atlas(suite, no_tok, null_samples=64, progress=False).has_contexts
+    settings = ContextSettings(n_tokens=512, seq_len=32, batch_size=4)
+    full = ensure_atlas(suite, lm, null_samples=64, contexts=settings, context_texts=TEXTS,
+                        progress=False)
+    assert full.has_contexts
+    assert full.root == bare.root
+    fired = [g for g in (f"1/res/{i}" for i in range(48)) if full.fires_on(g)[0]]
+    assert fired and all(full.label(g) == full.fires_on(g)[0] for g in fired)
