@@ -196,13 +196,14 @@ def _same_atlas(a: Path, b: Path) -> None:
                                   np.load(b / "layers" / f"{L:03d}" / n)), (L, n)
 
 
-def test_atlas_layers_on_ray_equal_the_local_run(tmp_path):
+def test_atlas_layers_on_ray_equal_the_local_run(tmp_path, monkeypatch):
     from saeflow.cli import main
     from saeflow.recipes.atlas import AtlasOptions, build_atlas
     from saeflow.synthetic import planted_suite
     suite, _ = planted_suite(4, 128, 32, seed=4)
     suite.save(tmp_path / "suite")
-    base = ["atlas", str(tmp_path / "suite"), "--no-labels", "--k", "3", "--null", "rotation",
+    monkeypatch.chdir(tmp_path)  # a relative suite path reaches the workers resolved
+    base = ["atlas", "suite", "--no-labels", "--k", "3", "--null", "rotation",
             "--min-cos", "0.1"]
     assert main(base + ["--out", str(tmp_path / "local")]) == 0
     assert main(base + ["--out", str(tmp_path / "ray"), "--ray"]) == 0

@@ -47,6 +47,13 @@ class SuiteLoader:
     dtype: str = "float32"
     lm: bool | None = True
 
+    def __post_init__(self):  # a relative path: the same file from a worker's own folder
+        from saeflow.catalog import PROFILE_NAMES, STARTER_NAMES
+        for name in ("suite", "model"):
+            v = getattr(self, name)
+            if v and v not in (*STARTER_NAMES, *PROFILE_NAMES) and Path(v).exists():
+                object.__setattr__(self, name, str(Path(v).resolve()))
+
     def __call__(self):
         from saeflow.catalog import load_suite
         suite = load_suite(self.suite, model=self.model)
