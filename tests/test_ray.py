@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,37 @@ def test_steer_eval_cells_on_ray_equal_the_local_run(steering, tmp_path, monkeyp
     assert [r.theme for r in on_ray.runs] == [r.theme for r in local.runs]
 
 
+def stop_after(n: int, results):
+    """Pass ``n`` results on, then stop as a killed run does."""
+    for i, r in enumerate(results):
+        if i == n:
+            raise KeyboardInterrupt
+        yield r
+
+
+def test_an_interrupted_sweep_on_ray_resumes_with_the_cells_left(steering, tmp_path):
+    from saeflow.evaluate import cells, load_results, run_sweep
+    lm, suite, topic, coherence, sweep, graph = steering
+    pool = Pool("local", Given(lm, suite))
+    out = tmp_path / "results.json"
+    asked = []
+
+    def fan_out(fn, args, units):
+        asked.append([u[0] for u in units])
+        return stop_after(3, pool.map(fn, args, units)) if len(asked) == 1 else \
+            pool.map(fn, args, units)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(lm, suite, "weddings", graph, sweep, out, topic, coherence, fan_out=fan_out)
+    assert len(load_results(out)) == 3
+    res = run_sweep(lm, suite, "weddings", graph, sweep, out, topic, coherence, fan_out=fan_out)
+    every = [c[0] for c in cells(sweep)]
+    assert len(asked[1]) == len(every) - 3 and not set(asked[1]) & (set(every) - set(asked[0]))
+    assert [r.cell for r in res] == every  # saved in sweep order
+    local = run_sweep(lm, suite, "weddings", graph, sweep, tmp_path / "local.json", topic,
+                      coherence)
+    assert [without_seconds(r.row()) for r in res] == [without_seconds(r.row()) for r in local]
+
+
 # ---- deactivation -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def deactivation_files(tmp_path_factory):
@@ -179,6 +211,24 @@ def test_deactivation_layers_on_ray_equal_the_local_run(deactivation_files, tmp_
     save_deactivation(result, tmp_path / "killed-run", plots=False)
     again = json.loads((tmp_path / "killed-run" / "summary.json").read_text())
     assert again["summary"] == want["summary"]
+
+    # the run stopped after its first layer came back: the re-run does only the other one
+    from saeflow.deactivate import run_deactivation, tokenize_texts
+    from saeflow.recipes.deactivation import choose_texts
+    from saeflow.recipes.distribute import deactivation_fan_out
+    ids = tokenize_texts(lm, choose_texts(run)[0], cfg.max_len)
+    quick = replace(cfg, strategies=("top1", "random5"))
+    fan = deactivation_fan_out(Pool("local", Given(lm, suite)), ids, None, quick)
+    asked = []
+
+    def fan_out(layers):
+        asked.append(list(layers))
+        return stop_after(1, fan(layers)) if len(asked) == 1 else fan(layers)
+    with pytest.raises(KeyboardInterrupt):
+        run_deactivation(lm, suite, ids, None, quick, tmp_path / "ckpt", fan_out=fan_out)
+    resumed = run_deactivation(lm, suite, ids, None, quick, tmp_path / "ckpt", fan_out=fan_out)
+    assert len(asked[1]) == 1 and asked[1][0] in asked[0]
+    assert resumed.pairs == run_deactivation(lm, suite, ids, None, quick, progress=False).pairs
 
 
 # ---- atlas --------------------------------------------------------------------------------
