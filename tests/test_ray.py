@@ -308,3 +308,9 @@ def _double(lm, suite, unit):
     if unit == 7:
         raise ValueError("unit 7 is bad")
     return 2 * unit
+
+
+def test_without_ray_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install 'saeflow\[ray\]'"):
+        Pool("local", Given(None, None))
