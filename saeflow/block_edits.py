@@ -61,8 +61,8 @@ def _chunks(order: list[int], cost, budget: int) -> list[list[int]]:
 
 @torch.no_grad()
 def iter_edited_acts(lm, prev_hidden: Sequence[Tensor], edits: Sequence[Edit], layer: int, sae,
-                     batch_tokens: int = 8192, progress: bool = False, with_pre: bool = False
-                     ) -> Iterator[tuple[Tensor, ...]]:
+                     batch_tokens: int = 8192, progress: bool = False, with_pre: bool = False,
+                     part: tuple[int, int] | None = None) -> Iterator[tuple[Tensor, ...]]:
     """Target-SAE activations at R_``layer`` after each edit, in batches: yields
     (edit indices [B], acts [B, F]), and the pre-activations [B, F] too with ``with_pre``.
     ``prev_hidden[text]`` is the clean input of block
@@ -71,7 +71,9 @@ def iter_edited_acts(lm, prev_hidden: Sequence[Tensor], edits: Sequence[Edit], l
     An edit of R_{L-1} at token t changes what token t attends with, so its row holds the clean
     prefix [0..t]. An edit of A_L, M_L or the o_proj input changes nothing before it in block L,
     so its row is token t alone, with the attention output (or o_proj input) set to its clean
-    value plus the edit: only the rest of the block is recomputed."""
+    value plus the edit: only the rest of the block is recomputed. ``part=(i, n)``: only the
+    batches i, i + n, i + 2n, ... of this plan (one unit of the Ray back end: each batch is
+    computed as in the whole run)."""
     from tqdm.auto import tqdm
 
     for e in edits:
@@ -87,6 +89,8 @@ def iter_edited_acts(lm, prev_hidden: Sequence[Tensor], edits: Sequence[Edit], l
     for kind in ("mlp", "att", "att_z"):
         one = [i for i, e in enumerate(edits) if e.site.kind == kind]
         batches += [(kind, b) for b in _chunks(one, lambda i: 1, batch_tokens)]
+    if part is not None:
+        batches = batches[part[0]::part[1]]
     clean: dict[int, dict[Site, Tensor]] = {}  # text -> clean attention outputs [T, width]
     for text in sorted({edits[i].text for k, b in batches if k != "res" for i in b}):
         with recording(lm, [att, att_z]) as rec:

@@ -299,7 +299,26 @@ def present_targets(suite, layer: int, rows: dict) -> np.ndarray:
     return np.flatnonzero((A_t > 0).any(0).numpy())
 
 
-def _run_layer(lm, suite, layer, samples, prev, rows, pearson, cfg, cap, progress):
+def probe_values(lm, prev, edits, layer: int, sae, batch_tokens: int, row: np.ndarray,
+                 tgt_idx: np.ndarray, progress: bool = False, part: tuple[int, int] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-run block ``layer`` on the edited rows (``iter_edited_acts``; ``part``: some of its
+    batches) and read each probe's target: (probe indices, activations, pre-activations) of the
+    probes (``row[p]`` the edited row, ``tgt_idx[p]`` the target) whose rows were run."""
+    order = np.argsort(row, kind="stable")
+    got: list[tuple] = []
+    for idx, acts, pa in iter_edited_acts(lm, prev, edits, layer, sae, batch_tokens, progress,
+                                          with_pre=True, part=part):
+        lo, hi = (np.searchsorted(row[order], idx.numpy(), side) for side in ("left", "right"))
+        for b in range(len(idx)):
+            pr = order[lo[b]:hi[b]]
+            got.append((pr, acts[b].numpy()[tgt_idx[pr]], pa[b].numpy()[tgt_idx[pr]]))
+    if not got:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return tuple(np.concatenate(x) for x in zip(*got))  # type: ignore[return-value]
+
+
+def _run_layer(lm, suite, layer, samples, prev, rows, pearson, cfg, cap, progress, rerun=None):
     tgt, notes = Site(layer, "res"), list(pearson.get("notes", []))
     sae_t, sites = suite[tgt], predecessor_sites(suite, layer)
     check = _recompute_error(lm, prev, samples, rows[tgt], layer)  # fail before the real work
@@ -337,15 +356,11 @@ def _run_layer(lm, suite, layer, samples, prev, rows, pearson, cfg, cap, progres
                     members.append(m)
                 probes.append((len(meta) - 1, row_of[(s, kind, m, r)], j))
     pid, row, tgt_idx = np.asarray(probes, dtype=np.int64).reshape(-1, 3).T
-    order = np.argsort(row, kind="stable")
     z, pre = np.full(len(row), np.nan), np.full(len(row), np.nan)
-    for idx, acts, pa in iter_edited_acts(lm, prev, edits, layer, sae_t, cfg.batch_tokens,
-                                          progress, with_pre=True):
-        lo, hi = (np.searchsorted(row[order], idx.numpy(), side) for side in ("left", "right"))
-        for b in range(len(idx)):
-            pr = order[lo[b]:hi[b]]
-            z[pr] = acts[b].numpy()[tgt_idx[pr]]
-            pre[pr] = pa[b].numpy()[tgt_idx[pr]]
+    for p, zs, ps in ([probe_values(lm, prev, edits, layer, sae_t, cfg.batch_tokens, row,
+                                    tgt_idx, progress)] if rerun is None else
+                      rerun(prev, edits, layer, row, tgt_idx)):
+        z[p], pre[p] = zs, ps
     t2 = time.perf_counter()
     best = {}  # per pair the probe that lowered the target most (the only one but exhaustive)
     for p in np.lexsort((pre, z, pid)):
@@ -450,14 +465,14 @@ def pearson_predecessors(lm, suite, corr_ids, present: dict[int, np.ndarray], n_
 
 def run_deactivation(lm, suite, ids: Sequence[Tensor], corr_ids: Sequence[Tensor] | None,
                      cfg: DeactivationConfig, checkpoint_dir: str | Path | None = None,
-                     progress: bool = True, only_layer: int | None = None,
-                     fan_out=None) -> DeactivationResult:
+                     progress: bool = True, fan_out=None) -> DeactivationResult:
     """The experiment over token-id sequences ``ids`` (``corr_ids``: separate texts for the
     Pearson baseline). With ``checkpoint_dir`` each finished layer is saved there and a re-run
-    with the same settings and texts resumes. ``only_layer``: that layer of ``cfg.layers``,
-    exactly as the whole run makes it (no checkpoint). ``fan_out(layers)`` (the Ray back end)
-    yields ``(layer, (pairs, info))`` for the layers not checkpointed yet, in any order."""
+    with the same settings and texts resumes. ``fan_out(key, prev, edits, layer, row,
+    tgt_idx)`` (the Ray back end; ``key`` the layer's checkpoint fingerprint) runs a layer's
+    block re-runs elsewhere: it yields what ``probe_values`` returns, for parts of them."""
     import time
+    from functools import partial
 
     from tqdm.auto import tqdm
 
@@ -486,18 +501,7 @@ def run_deactivation(lm, suite, ids: Sequence[Tensor], corr_ids: Sequence[Tensor
         if f and f.exists() and (data := json.loads(f.read_text())).get("fingerprint") == fps[L]:
             done[L] = ([PairOutcome(*p) for p in data["pairs"]], data["info"])
     todo = [L for L in cfg.layers if L not in done]
-    if only_layer is not None:
-        todo, ckpt, done = [only_layer], None, {}
-
-    def finish(L, pairs, info):
-        done[L] = (pairs, info)
-        if ckpt:
-            write_json_atomic(ckpt / f"layer-{L}.json", {"fingerprint": fps[L], "info": info,
-                                                         "pairs": [list(p) for p in pairs]})
-    if todo and fan_out is not None:
-        for L, (pairs, info) in fan_out(todo):
-            finish(L, pairs, info)
-    elif todo:
+    if todo:
         prev, rows = _collect(lm, suite, ids, samples, todo)
         corr = {L: {} for L in todo}
         if "pearson" in cfg.strategies:
@@ -506,13 +510,16 @@ def run_deactivation(lm, suite, ids: Sequence[Tensor], corr_ids: Sequence[Tensor
         cap = None if cfg.max_pairs is None else -(-cfg.max_pairs // len(cfg.layers))
         for L in tqdm(todo, desc="layers", disable=not progress):
             t0 = time.perf_counter()
+            rerun = None if fan_out is None else partial(fan_out, fps[L])
             pairs, info = _run_layer(lm, suite, L, samples, prev[L], rows, corr[L], cfg, cap,
-                                     progress)
+                                     progress, rerun)
             info["seconds"] = round(time.perf_counter() - t0, 2)
-            finish(L, pairs, info)
-    layers = [L for L in cfg.layers if L in done]
-    pairs = [p for L in layers for p in done[L][0]]
+            done[L] = (pairs, info)
+            if ckpt:
+                write_json_atomic(ckpt / f"layer-{L}.json", {"fingerprint": fps[L], "info": info,
+                                                             "pairs": [list(p) for p in pairs]})
+    pairs = [p for L in cfg.layers for p in done[L][0]]
     info = {"settings": asdict(cfg), "suite": suite.name, "model": lm.name,
             "texts": len(ids), "corr_texts": len(corr_ids or []), "samples": len(samples),
-            "layers": {str(L): done[L][1] for L in layers}}
+            "layers": {str(L): done[L][1] for L in cfg.layers}}
     return DeactivationResult(pairs=pairs, summary=summarize(pairs), info=info)

@@ -180,7 +180,7 @@ def test_deactivation_layers_on_ray_equal_the_local_run(deactivation_files, tmp_
                                               save_deactivation)
     root = deactivation_files
     assert main(_deactivate_argv(root, tmp_path / "local")) == 0
-    assert main(_deactivate_argv(root, tmp_path / "ray") + ["--ray"]) == 0
+    assert main(_deactivate_argv(root, tmp_path / "ray") + ["--ray", "--ray-units", "3"]) == 0
     want = json.loads((tmp_path / "local" / "summary.json").read_text())
     got = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert got["summary"] == want["summary"] and want["summary"]
@@ -196,6 +196,8 @@ def test_deactivation_layers_on_ray_equal_the_local_run(deactivation_files, tmp_
                 for d in ("local", "ray")]
         assert ckpt[0]["fingerprint"] == ckpt[1]["fingerprint"]
         assert ckpt[0]["pairs"] == ckpt[1]["pairs"]
+    units = sorted(p.name for p in (tmp_path / "ray" / "checkpoints" / "units").iterdir())
+    assert units == [f"layer-{L}-part-{i}-of-3.npz" for L in (2, 3) for i in range(3)]
 
     # a worker dies inside a layer (in the re-run of edited rows): that layer is redone
     cfg = DeactivationConfig(layers=(2, 3), strategies=("top1", "random5", "pearson"),
@@ -212,22 +214,27 @@ def test_deactivation_layers_on_ray_equal_the_local_run(deactivation_files, tmp_
     again = json.loads((tmp_path / "killed-run" / "summary.json").read_text())
     assert again["summary"] == want["summary"]
 
-    # the run stopped after its first layer came back: the re-run does only the other one
+    # the run stopped after one unit of its first layer came back: the re-run keeps that unit
     from saeflow.deactivate import run_deactivation, tokenize_texts
     from saeflow.recipes.deactivation import choose_texts
     from saeflow.recipes.distribute import deactivation_fan_out
     ids = tokenize_texts(lm, choose_texts(run)[0], cfg.max_len)
     quick = replace(cfg, strategies=("top1", "random5"))
-    fan = deactivation_fan_out(Pool("local", Given(lm, suite)), ids, None, quick)
-    asked = []
+    ckpt = tmp_path / "ckpt"
+    fan = deactivation_fan_out(Pool("local", Given(lm, suite)), quick, 3, ckpt)
+    calls = []
 
-    def fan_out(layers):
-        asked.append(list(layers))
-        return stop_after(1, fan(layers)) if len(asked) == 1 else fan(layers)
+    def fan_out(*args):
+        calls.append(1)
+        return stop_after(1, fan(*args)) if len(calls) == 1 else fan(*args)
     with pytest.raises(KeyboardInterrupt):
-        run_deactivation(lm, suite, ids, None, quick, tmp_path / "ckpt", fan_out=fan_out)
-    resumed = run_deactivation(lm, suite, ids, None, quick, tmp_path / "ckpt", fan_out=fan_out)
-    assert len(asked[1]) == 1 and asked[1][0] in asked[0]
+        run_deactivation(lm, suite, ids, None, quick, ckpt, progress=False, fan_out=fan_out)
+    saved = {f: f.stat().st_mtime_ns for f in (ckpt / "units").iterdir()}
+    assert 1 <= len(saved) < 3  # (saved as it came back, before the run stopped)
+    resumed = run_deactivation(lm, suite, ids, None, quick, ckpt, progress=False,
+                               fan_out=fan_out)
+    assert {f: f.stat().st_mtime_ns for f in saved} == saved  # reused, not redone
+    assert len(list((ckpt / "units").iterdir())) == 6
     assert resumed.pairs == run_deactivation(lm, suite, ids, None, quick, progress=False).pairs
 
 

@@ -50,7 +50,10 @@ def add(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=r.out, help="output folder (default ./%(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    add_ray_arg(p, "target layers")
+    add_ray_arg(p, "block re-runs of each layer")
+    p.add_argument("--ray-units", type=int, default=r.ray_units,
+                   help="Ray units per layer: its batches of block re-runs dealt among them "
+                        "(default %(default)s)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                              corr_tokens=args.corr_tokens, seed=args.seed)
     run = DeactivationRun(cfg, texts=args.texts, corr_texts=args.corr_texts,
                           n_texts=args.n_texts, out=args.out, plots=not args.no_plots,
-                          ray=args.ray)
+                          ray=args.ray, ray_units=args.ray_units)
     suite, lm = open_suite(args.suite, args.model, args.device, args.dtype)
     result = run_deactivation_check(run, suite, lm, loader=SuiteLoader(
         args.suite, args.model, args.device, args.dtype))

@@ -21,11 +21,14 @@ class DeactivationRun:
     n_texts: int = 35  # evaluation texts
     out: str = "deactivation"
     plots: bool = True
-    ray: str | None = None  # the layers on Ray: "local", "auto" or an address
+    ray: str | None = None  # the block re-runs on Ray: "local", "auto" or an address
+    ray_units: int = 8  # Ray units per layer (its batches of re-runs dealt among them)
 
     def __post_init__(self):
         if self.n_texts < 1:
             raise ValueError(f"--n-texts must be >= 1, got {self.n_texts}")
+        if self.ray_units < 1:
+            raise ValueError(f"--ray-units must be >= 1, got {self.ray_units}")
 
 
 def choose_texts(run: DeactivationRun) -> tuple[list[str], list[str]]:
@@ -54,8 +57,8 @@ def choose_texts(run: DeactivationRun) -> tuple[list[str], list[str]]:
 
 def run_deactivation_check(run: DeactivationRun, suite, lm, log: Log = print, loader=None):
     """Tokenise the texts and run ``saeflow.deactivate.run_deactivation`` (resumable from
-    ``out/checkpoints``); returns its ``DeactivationResult``. With ``run.ray`` the layers
-    run on Ray workers, which open the model and suite with ``loader``
+    ``out/checkpoints``); returns its ``DeactivationResult``. With ``run.ray`` the block
+    re-runs of each layer run on Ray workers, which open the model and suite with ``loader``
     (``distribute.SuiteLoader``; default: ship ``lm`` and ``suite``)."""
     from saeflow.deactivate import run_deactivation, tokenize_texts
     cfg = run.config
@@ -80,8 +83,8 @@ def run_deactivation_check(run: DeactivationRun, suite, lm, log: Log = print, lo
     fan_out = None
     if run.ray is not None:
         from saeflow.recipes.distribute import Given, Pool, deactivation_fan_out
-        fan_out = deactivation_fan_out(Pool(run.ray, loader or Given(lm, suite)), ids,
-                                       corr_ids, cfg)
+        fan_out = deactivation_fan_out(Pool(run.ray, loader or Given(lm, suite)), cfg,
+                                       run.ray_units, ckpt)
     return run_deactivation(lm, suite, ids, corr_ids, cfg, checkpoint_dir=ckpt, fan_out=fan_out)
 
 

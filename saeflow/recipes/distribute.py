@@ -5,10 +5,12 @@ their results come back to this process, which saves each one as it arrives.
   - steer-eval: one unit per cell (theme x mode x layer x coefficient, over the prompts and
     seeds of its stage): ``evaluate.generate_cell`` on the worker; scoring and
     ``results.json`` (rewritten after every cell, in sweep order) here;
-  - deactivate: one unit per target layer (``run_deactivation(only_layer=...)``), saved in
-    ``checkpoints/layer-L.json`` as a local run saves it. Not finer: the block re-runs are
-    batched across texts, and a batch of other rows changes a float's last bits, so splitting a
-    layer's texts would not reproduce the local numbers;
+  - deactivate: a layer's block re-runs of edited rows (most of the work), dealt to
+    ``units`` units by batch (``block_edits.iter_edited_acts(part=...)``: the same batches as
+    the whole run, since a row's last bits depend on its batch, so they are never split by
+    text); each unit's values are saved in ``checkpoints/units/``, a finished layer in
+    ``checkpoints/layer-L.json`` as a local run saves it. The clean pass, the Pearson baseline,
+    the choice of pairs and the summary run here;
   - atlas: one unit per layer's matching (``saeflow.atlas``'s ``_match_layer``); the layer
     folder is written here, atomically, and the labels and the classification are computed
     here afterwards by ``compute_atlas``, which finds every layer done.
@@ -130,18 +132,46 @@ class Pool:
         return lambda fn, args, units: self.map(fn, args, units, desc)
 
 
-# ---- deactivation: one unit per layer ---------------------------------------------------
-def _deactivation_unit(lm, suite, ids, corr_ids, cfg, layer: int):
-    from saeflow.deactivate import run_deactivation
-    r = run_deactivation(lm, suite, ids, corr_ids, cfg, progress=False, only_layer=layer)
-    return r.pairs, r.info["layers"][str(layer)]
+# ---- deactivation: a layer's block re-runs in parts -----------------------------------------
+def _rerun_unit(lm, suite, prev, edits, layer, row, tgt_idx, batch_tokens, part):
+    from saeflow.deactivate import probe_values
+    from saeflow.sites import Site
+    return probe_values(lm, prev, edits, layer, suite[Site(layer, "res")], batch_tokens, row,
+                        tgt_idx, part=part)
 
 
-def deactivation_fan_out(pool: Pool, ids, corr_ids, cfg):
-    """The ``fan_out`` of ``deactivate.run_deactivation``: each layer's ``(pairs, info)`` from
-    a worker, which ``run_deactivation`` checkpoints as it arrives."""
-    return lambda layers: pool.map(_deactivation_unit, (ids, corr_ids, cfg), layers,
-                                   "deactivation layers")
+def deactivation_fan_out(pool: Pool, cfg, units: int, checkpoint_dir: str | Path | None = None):
+    """The ``fan_out`` of ``deactivate.run_deactivation``: each layer's batches of block
+    re-runs dealt to ``units`` units (batch i to unit i mod units); each unit's probe values
+    are saved under ``checkpoint_dir/units`` and reused by a re-run with the same key."""
+    import numpy as np
+
+    from saeflow.io import atomic_path
+    if units < 1:
+        raise ValueError(f"Ray units per layer must be >= 1, got {units}")
+    folder = Path(checkpoint_dir) / "units" if checkpoint_dir else None
+
+    def rerun(key: str, prev, edits, layer: int, row, tgt_idx):
+        todo = []
+        for i in range(units):
+            f = folder / f"layer-{layer}-part-{i}-of-{units}.npz" if folder else None
+            saved = None
+            if f and f.exists():
+                with np.load(f) as d:
+                    saved = (d["probes"], d["z"], d["pre"]) if str(d["key"]) == key else None
+            if saved is None:
+                todo.append((i, units))
+            else:
+                yield saved
+        args = (prev, edits, layer, row, tgt_idx, cfg.batch_tokens)
+        for (i, n), (probes, z, pre) in pool.map(_rerun_unit, args, todo, f"layer {layer}"):
+            if folder:
+                folder.mkdir(parents=True, exist_ok=True)
+                with atomic_path(folder / f"layer-{layer}-part-{i}-of-{n}.npz") as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.savez(fh, key=key, probes=probes, z=z, pre=pre)
+            yield probes, z, pre
+    return rerun
 
 
 # ---- atlas: one unit per layer's matching ---------------------------------------------------
