@@ -179,7 +179,11 @@ class ViewerServer:
             # cached graph: about 15% of a graph's CPU time on the starter atlas.
             gc.set_threshold(GC_THRESHOLD, 20, 20)
         if self.kind == "waitress":
-            self._server.run()
+            try:
+                self._server.run()
+            except OSError:
+                if not self._stopped:  # else: select() saw a socket shutdown() just closed
+                    raise
         else:
             self._server.serve_forever()
 
