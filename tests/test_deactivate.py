@@ -23,18 +23,14 @@ from saeflow.models import lm_from_model
 from saeflow.sae import SAE
 from saeflow.sites import Feature, Site
 from saeflow.suite import Suite
+from tiny import tiny_llama
 
 D, L, C = 64, 2, 1e-3  # width, target layer, target threshold
 S_R, S_M, S_A = range(0, 8), range(8, 16), range(16, 24)
 
 
 def make_llama(seed=0, attn="sdpa"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=D, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                      attn_implementation=attn)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(seed, hidden_size=D, attn_implementation=attn)
 
 
 def proj_out(Q, idx):

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
 
 from saeflow import quality
 from saeflow.hooks import hook_count
@@ -40,10 +40,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-    return lm_from_model(LlamaForCausalLM(cfg), CharTokenizer(), name="tiny-llama")
+    return lm_from_model(tiny_llama(0, num_hidden_layers=3), CharTokenizer(), name="tiny-llama")
 
 
 @pytest.fixture(scope="module")

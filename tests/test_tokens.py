@@ -10,6 +10,7 @@ import torch
 
 from saeflow.tokens import (OUTLIER_FACTOR, LimitMemory, norm_limit, tracking_positions,
                             usable_tokens)
+from tiny import tiny_llama
 
 
 def states(norms):
@@ -57,12 +58,9 @@ def test_limit_memory_keeps_the_prompt_limit_for_small_steps():
 
 
 def test_tracking_positions_in_generation():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, vocab_size=50, pad_token_id=0,
-                                         eos_token_id=None, bos_token_id=None))
+    model = tiny_llama(0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, vocab_size=50,
+                       pad_token_id=0, eos_token_id=None, bos_token_id=None)
     seen = []
     inner = model.model.layers[0]
     with tracking_positions(model) as tr:
