@@ -7,13 +7,17 @@ Activations of two adjacent residual sites (default 11/res and 12/res) are colle
 the bundled corpus (train split, the starter's text order) plus held-out text, then every variant
 trains its SAEs through the same ``TopKTrainer`` code path ``train_suite`` uses, fed the cached
 activations in forward-sized chunks in the same order. Per variant it reports:
-  - held-out FVU and dead latents (fraction that never fire on held-out text) of the later site;
+  - held-out FVU and dead latents (fraction that never fire on held-out text) of the later site,
+    and the dead latents' margin: their median largest pre-activation over the median k-th
+    pre-activation (just under 1: they lose the top-k narrowly; far under 1 or negative: they
+    have died outright);
   - the adjacent-layer top-1 decoder cosine (median, share >= 0.5 and >= 0.7): the quantity
     feature flow matches on;
   - cross-seed stability: the later site trained again with another seed on the same rows, the
     share of features whose best match in the other seed has cosine >= 0.7;
   - the decoder rows' median cosine with their own initialisation (1 = never moved).
-Nothing couples the sites: each SAE has its own seed and sees only its own site's rows.
+Sites after the first two (e.g. 12/att) are trained once per variant for their FVU and dead
+latents. Nothing couples the sites: each SAE has its own seed and sees only its own site's rows.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,16 +37,36 @@ from saeflow.match import cosine_topk
 from saeflow.sites import Site
 from saeflow.topk import TopKTrainer, init_params, tune_malloc
 
-# name: (sae_batch, reuse, lr, width)
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    sae_batch: int  # rows per Adam step (0: the forward's own rows, one step per forward)
+    reuse: float = 1.0
+    lr: float = 2e-3
+    width: int = 2304
+    k_aux: int = 64
+    aux_coef: float = 1 / 32
+    dead_tokens: int = 20_000
+
+
 VARIANTS = {
-    "base": (0, 1.0, 2e-3, 2304),  # the old starter: one step per 1,024-token forward
-    "r2b1024": (1024, 2.0, 2e-3, 2304),
-    "r2b512": (512, 2.0, 2e-3, 2304),
-    "r2b256": (256, 2.0, 2e-3, 2304),
-    "r4b512": (512, 4.0, 2e-3, 2304),
-    "r2b512lr4": (512, 2.0, 4e-3, 2304),
-    "r2b512lr1": (512, 2.0, 1e-3, 2304),
-    "r2b512w1152": (512, 2.0, 2e-3, 1152),
+    "base": Variant(0),  # the old starter: one step per 1,024-token forward
+    "r2b1024": Variant(1024, 2.0),
+    "r2b512": Variant(512, 2.0),
+    "r2b256": Variant(256, 2.0),
+    "r4b512": Variant(512, 4.0),
+    "r2b512lr4": Variant(512, 2.0, 4e-3),
+    "r2b512lr1": Variant(512, 2.0, 1e-3),
+    "r2b512w1152": Variant(512, 2.0, width=1152),
+    # the starter of the retrain (256-row steps, 1.5x reuse) and cheaper, faster-learning ones
+    "starter": Variant(256, 1.5),
+    "r1b256lr4": Variant(256, 1.0, 4e-3),
+    "r1b256lr4aux": Variant(256, 1.0, 4e-3, k_aux=256, aux_coef=1 / 8, dead_tokens=10_000),
+    "r1b256lr3aux": Variant(256, 1.0, 3e-3, k_aux=256, aux_coef=1 / 8, dead_tokens=10_000),
+    "r1.5b256lr4aux": Variant(256, 1.5, 4e-3, k_aux=256, aux_coef=1 / 8, dead_tokens=10_000),
+    # the starter's 1,764 steps on 128-row steps (half the rows: a step's fixed cost dominates)
+    "r0.75b128": Variant(128, 0.75),
+    "r1.5b128": Variant(128, 1.5),
 }
 
 
@@ -76,11 +101,12 @@ def collect(lm, sites: list[Site], tokens: int, batch_tokens: int, seq_len: int,
     return Acts(train, {s: torch.cat(v) for s, v in held.items()})
 
 
-def train_one(chunks: list[torch.Tensor], d: int, variant: tuple, seed: int,
+def train_one(chunks: list[torch.Tensor], d: int, v: Variant, seed: int,
               k: int = 32, buffer_tokens: int = 8192) -> TopKTrainer:
-    sae_batch, reuse, lr, width = variant
+    sae_batch, reuse, lr = v.sae_batch, v.reuse, v.lr
     per_fwd = chunks[0].shape[0] * chunks[0].shape[1]
-    t = TopKTrainer(d, width, k, k_aux=64, seed=seed,
+    t = TopKTrainer(d, v.width, k, k_aux=v.k_aux, aux_coef=v.aux_coef,
+                    dead_tokens=v.dead_tokens, seed=seed,
                     buffer_rows=buffer_tokens if sae_batch else 0)
     spf = max(1, round(reuse * per_fwd / sae_batch)) if sae_batch else 1
     total = len(chunks) * spf
@@ -103,16 +129,21 @@ def unit(W):
     return torch.nn.functional.normalize(W.float(), dim=-1)
 
 
-def evaluate(t: TopKTrainer, x_ND: torch.Tensor) -> tuple[float, float]:
+def evaluate(t: TopKTrainer, x_ND: torch.Tensor) -> tuple[float, float, float]:
+    """Held-out FVU, dead share (never fire), and how narrowly the dead latents lose: the
+    median over dead latents of their largest pre-activation, over the median k-th value."""
     sae = t.sae()
     keep = x_ND.norm(dim=-1) <= t.max_norm
     x = x_ND[keep]
     with torch.no_grad():
-        z = sae.encode(x)
+        pre = sae.pre_acts(x).float()
+        z = sae.activate(pre)
         x_hat = sae.decode(z)
     fvu = float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    dead = float(((z > 0).sum(0) == 0).float().mean())
-    return fvu, dead
+    dead_F = (z > 0).sum(0) == 0
+    kth = pre.topk(sae.k, dim=-1).values[:, -1].median()
+    margin = float(pre.max(0).values[dead_F].median() / kth) if dead_F.any() else float("nan")
+    return fvu, float(dead_F.float().mean()), margin
 
 
 def top1(A, B) -> torch.Tensor:
@@ -125,34 +156,49 @@ def run(args) -> list[dict]:
     lm = load_model("smollm2", dtype="bfloat16")
     sites = [Site.parse(s) for s in args.sites.split(",")]
     t0 = time.perf_counter()
-    acts = collect(lm, sites, args.tokens, args.batch_tokens, 256, args.heldout_tokens)
+    key = (args.sites, args.tokens, args.batch_tokens, args.heldout_tokens)
+    cached = torch.load(args.cache, weights_only=False) if args.cache and \
+        os.path.exists(args.cache) else None
+    if cached is not None and cached["key"] == key:
+        acts = cached["acts"]
+    else:
+        acts = collect(lm, sites, args.tokens, args.batch_tokens, 256, args.heldout_tokens)
+        if args.cache:
+            torch.save({"key": key, "acts": acts}, args.cache + ".tmp")
+            os.replace(args.cache + ".tmp", args.cache)
     print(f"collected {args.tokens:,} tokens at {len(sites)} sites in "
           f"{time.perf_counter() - t0:.0f} s")
-    a, b = sites
+    a, b, *extra = sites
     rows = []
     torch.set_num_threads(1)
     for name in args.variants.split(","):
         v = VARIANTS[name]
         t0 = time.perf_counter()
-        jobs = [(a, 1), (b, 2), (b, 7)]
+        jobs = [(a, 1), (b, 2), (b, 7)] + [(s, 3) for s in extra]
         with ThreadPoolExecutor(2) as pool:
-            ta, tb, tb2 = pool.map(lambda j: train_one(acts.train[j[0]], lm.d_model, v, j[1]),
-                                   jobs)
+            ta, tb, tb2, *te = pool.map(
+                lambda j: train_one(acts.train[j[0]], lm.d_model, v, j[1]), jobs)
         wall = time.perf_counter() - t0
-        fvu, dead = evaluate(tb, acts.heldout[b])
+        fvu, dead, margin = evaluate(tb, acts.heldout[b])
         adj = top1(tb.params.W_dec_FD.detach(), ta.params.W_dec_FD.detach())
         seed_cos = top1(tb.params.W_dec_FD.detach(), tb2.params.W_dec_FD.detach())
-        init = init_params(lm.d_model, v[3], torch.Generator().manual_seed(2)).W_dec_FD
+        init = init_params(lm.d_model, v.width, torch.Generator().manual_seed(2)).W_dec_FD
         moved = (unit(tb.params.W_dec_FD.detach()) * init).sum(-1)
-        row = {"variant": name, "sae_batch": v[0] or args.batch_tokens, "reuse": v[1],
-               "lr": v[2], "width": v[3], "adam_steps": tb.steps,
+        row = {"variant": name, "sae_batch": v.sae_batch or args.batch_tokens, "reuse": v.reuse,
+               "lr": v.lr, "width": v.width, "k_aux": v.k_aux, "aux_coef": round(v.aux_coef, 4),
+               "adam_steps": tb.steps,
                "heldout_fvu": round(fvu, 4), "dead": round(dead, 4),
+               "dead_margin": round(margin, 3),
                "adj_top1_median": round(float(adj.median()), 3),
                "adj_ge_0.5": round(float((adj >= 0.5).float().mean()), 3),
                "adj_ge_0.7": round(float((adj >= 0.7).float().mean()), 3),
                "seed_stable_ge_0.7": round(float((seed_cos >= 0.7).float().mean()), 3),
-               "dec_cos_to_init": round(float(moved.median()), 3),
-               "train_seconds": round(wall, 1)}
+               "dec_cos_to_init": round(float(moved.median()), 3)}
+        for s, t in zip(extra, te):
+            fvu_s, dead_s, margin_s = evaluate(t, acts.heldout[s])
+            row[f"{s}_fvu"], row[f"{s}_dead"] = round(fvu_s, 4), round(dead_s, 4)
+            row[f"{s}_dead_margin"] = round(margin_s, 3)
+        row["train_seconds"] = round(wall, 1)
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -160,11 +206,16 @@ def run(args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sites", default="11/res,12/res")
+    ap.add_argument("--sites", default="11/res,12/res",
+                    help="two adjacent sites, then optional others trained once for FVU and "
+                         "dead latents (e.g. 11/res,12/res,12/att)")
     ap.add_argument("--tokens", type=int, default=300_000)
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--heldout-tokens", type=int, default=16_384)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--cache", default=None,
+                    help="keep the collected activations in this file and reuse them when the "
+                         "sites and token counts match (about 0.35 GB per site at 300k tokens)")
     ap.add_argument("--out", default=None, help="also write the table as CSV")
     args = ap.parse_args()
     rows = run(args)

@@ -97,10 +97,11 @@ RESULT_FIELDS = ("width", "k", "tokens", "batch_tokens", "seq_len", "sae_batch",
 STARTER_CONFIG = TrainConfig(tokens=300_000, batch_tokens=2048, sae_batch=256, reuse=1.5,
                              buffer_tokens=8192, checkpoint_every=25,
                              seed_sites="6/res,12/res,18/res")
-# Every train-split token of the bundled corpus (~1.99M), each used once, 512-row steps
-# (3,888 steps per SAE: 2.2x the starter's steps on 6.6x its tokens).
+# Every train-split token of the bundled corpus (~1.99M) through the model, 512-row steps, each
+# row used 0.75 times on average (2,916 steps per SAE: 1.65x the starter's steps on 3.3x its
+# rows), sized to about an hour by the idle benchmark's per-step costs (docs/training.md).
 STANDARD_CONFIG = dataclasses.replace(STARTER_CONFIG, tokens=1_990_000, sae_batch=512,
-                                      reuse=1.0, buffer_tokens=16_384, checkpoint_every=50)
+                                      reuse=0.75, buffer_tokens=16_384, checkpoint_every=50)
 # For a GPU: 50M tokens (the corpus repeated), large model batches, 4,096-row steps.
 GPU_CONFIG = dataclasses.replace(STARTER_CONFIG, tokens=50_000_000, batch_tokens=16_384,
                                  sae_batch=4096, reuse=1.0, buffer_tokens=65_536, lr=1e-3,
