@@ -9,17 +9,27 @@ takes seconds to a few minutes; the model is loaded once):
      comparison (unsteered / prompting / single-layer / cumulative; ``saeflow steer-eval``);
   4. flow graphs of the seeds (the graphs steering used), rendered (``saeflow graph``);
   5. a small causal check of the matches (``saeflow deactivate``);
-  6. ``report.html``, rendered from the stages' result objects, plus the raw results under
-     ``--out``.
+  6. permutations over depth (``saeflow permute`` / ``saeflow prune``): layer pruning and
+     feature persistence, read from what those commands stored for the suite when it is still
+     valid, else computed small (a spread of layers, few features) into ``--out``;
+  7. ``report.html``, rendered from the stages' result objects, plus the raw results under
+     ``--out``. Every stage's wall and CPU seconds are printed at the end and shown in the
+     report.
+The sentence embedder is loaded once and passed to every stage that embeds text (theme
+retrieval, seed relevance, topic scores, the persistence proxy).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from saeflow.deactivate import DeactivationConfig
+from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD
+from saeflow.configs import PRUNE_METHODS, HeldoutConfig, PersistenceConfig
 from saeflow.recipes.deactivation import DeactivationRun
 from saeflow.recipes.steer_eval import SteerEvalConfig
 from saeflow.recipes.steering import PlanOptions
@@ -37,10 +47,10 @@ class DemoConfig:
     quick: bool = False
     device: str = "cpu"
     dtype: str = "float32"
-    # flow-graph thresholds: the starter suite's cross-layer matches are weaker than Gemma
-    # Scope's (median top-1 cosine ~0.33), so the paper's 0.5 leaves graphs of 1-2 nodes
-    res_threshold: float = 0.3
-    block_threshold: float = 0.2
+    # flow-graph thresholds: the paper's (the retrained starter suite's seed graphs span
+    # 19-30 layers at 0.5 / 0.15, docs/steering.md)
+    res_threshold: float = RES_THRESHOLD
+    block_threshold: float = BLOCK_THRESHOLD
 
     def __post_init__(self):
         if not self.themes or any(not t.strip() for t in self.themes):
@@ -51,21 +61,24 @@ class DemoConfig:
                                  f"and 1; got {getattr(self, name)}")
 
     def steering(self, out: Path) -> SteerEvalConfig:
-        """The steering evaluation stage (small: a demo, not a benchmark)."""
+        """The steering evaluation stage (small: a demo, not a benchmark). Full run: 2 prompts x
+        1 seed x 2 samples per selection cell, the default 4 report prompts x 1 seed x 2
+        samples per held-out cell, 32 new tokens (about a minute per theme on 2 idle cores)."""
         plan = PlanOptions(res_threshold=self.res_threshold, block_threshold=self.block_threshold)
         if self.quick:
             return SteerEvalConfig(themes=self.themes, out=str(out), coefficients=(0.2,),
                                    seeds=(0,), samples=1, max_new_tokens=12,
                                    prompts=("I think",), plan=plan)
         return SteerEvalConfig(themes=self.themes, out=str(out), coefficients=(0.05, 0.25),
-                               seeds=(0, 1), samples=2, prompts=("I think", "Yesterday,"),
-                               plan=plan)
+                               seeds=(0,), samples=2, prompts=("I think", "Yesterday,"),
+                               max_new_tokens=32, plan=plan)
 
     def deactivation(self, out: Path) -> DeactivationRun:
         """The causal-check stage."""
         if self.quick:
             cfg = DeactivationConfig(layers=(2, 3), tokens_per_text=3,
-                                     strategies=("top1", "random5", "pearson"), corr_tokens=512)
+                                     strategies=("top1", "random5", "random_active", "pearson"),
+                                     corr_tokens=512)
             return DeactivationRun(cfg, n_texts=4, out=str(out))
         # Pearson on 16k tokens (labelled underpowered; 100k adds minutes on 2 cores)
         cfg = DeactivationConfig(layers=(6, 12, 18), tokens_per_text=4, corr_tokens=16_384,
@@ -74,12 +87,57 @@ class DemoConfig:
         return DeactivationRun(cfg, n_texts=12, out=str(out))
 
 
+    def pruning(self) -> tuple[HeldoutConfig, int, tuple[str, ...]]:
+        """Held-out text of the pruning and persistence stage, how many pruned layers (spread
+        over depth) it computes when nothing valid is stored, and the estimates compared."""
+        if self.quick:
+            return HeldoutConfig(n_seqs=1, seq_len=64, batch_size=1), 1, ("permutation", "skip")
+        return HeldoutConfig(n_seqs=8), 8, PRUNE_METHODS
+
+    def persistence(self, layers: list[int]) -> PersistenceConfig:
+        """A small persistence run (the command's default follows 128 features from 4 starts
+        with 4 contexts each: minutes of sentence embedding)."""
+        if self.quick:
+            return PersistenceConfig(starts=(layers[0],), max_distance=2, n_features=8,
+                                     top_k=2, min_fires=1)
+        starts = (layers[len(layers) // 6], layers[len(layers) // 2])
+        return PersistenceConfig(starts=starts, max_distance=8, n_features=48, top_k=2)
+
+
+class Stages:
+    """Wall and CPU seconds of each stage (CPU: this process, every thread)."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - t
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+
+    def rows(self) -> list[tuple[str, float, float]]:
+        return [(k, self.wall[k], self.cpu[k]) for k in self.wall]
+
+    def table(self) -> str:
+        lines = [f"{'stage':<14} {'wall s':>8} {'CPU s':>8}"]
+        lines += [f"{k:<14} {w:8.1f} {c:8.1f}" for k, w, c in self.rows()]
+        lines.append(f"{'total':<14} {sum(self.wall.values()):8.1f} "
+                     f"{sum(self.cpu.values()):8.1f}")
+        return "\n".join(lines)
+
+
 @dataclass
 class DemoResult:
     out: Path
     report: Path
     atlas: Path
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per stage
 
 
 def _suite_spec(cfg: DemoConfig) -> str:
@@ -110,6 +168,103 @@ def _graphs(steering, out: Path) -> dict:
     return graphs
 
 
+class PermutationStage(NamedTuple):
+    """Layer pruning and persistence over depth, and where each came from."""
+    tag: str  # the permutation setting, e.g. both-folded
+    pairs: list  # permutation.PairResult of the consecutive residual pairs
+    prune: list  # prune.PruneRow
+    prune_from: Path  # the prune.json the rows are in
+    prune_text: dict  # the held-out text they were computed on
+    persistence: list  # persistence.PersistenceRow
+    distances: dict  # {start: {measure: {"half": d, "significant": d}}}
+    persistence_from: Path
+    persistence_settings: dict
+    plots: dict[str, Path]
+
+
+def _stored_prune(store) -> tuple[list, dict] | None:
+    """The rows of ``saeflow prune`` stored for this suite whose SAEs are unchanged."""
+    import json
+
+    from saeflow.prune import PruneRow
+    from saeflow.sites import Site
+    path = store.folder / "prune.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    rows = [PruneRow(**r) for u, v in data.get("layers", {}).items()
+            if v.get("saes") == [store.fingerprint(Site(int(u) - 1, "res")),
+                                 store.fingerprint(Site(int(u), "res"))] for r in v["rows"]]
+    return (rows, data.get("settings", {})) if rows else None
+
+
+def _stored_persistence(path: Path, newest_pair: float, settings: dict | None = None):
+    """Rows, distances and settings of a persistence.json written after the newest stored
+    permutation it follows (and, with ``settings``, under those), else None."""
+    import json
+
+    from saeflow.persistence import PersistenceRow
+    if not path.exists() or path.stat().st_mtime < newest_pair:
+        return None
+    data = json.loads(path.read_text())
+    if settings is not None and data.get("settings") != settings:
+        return None
+    return [PersistenceRow(*r) if isinstance(r, list) else PersistenceRow(**r)
+            for r in data["rows"]], data["distances"], data["settings"]
+
+
+def _permutations(cfg: DemoConfig, suite, lm, out: Path, embed) -> PermutationStage:
+    """Stage 6 (module docstring): stored results first, else small ones into ``out``."""
+    from saeflow import persistence as ps
+    from saeflow import prune
+    from saeflow.io import write_json_atomic
+    from saeflow.permutation import PermutationStore, consecutive_pairs
+    store = PermutationStore(suite)
+    pairs = store.compute(consecutive_pairs(suite.sites()))
+    newest = max((store._paths(p.a, p.b)[1].stat().st_mtime for p in pairs), default=0.0)
+    text, n_layers, methods = cfg.pruning()
+    layers = sorted({s.layer for s in suite.sites("res")})
+    data = None
+
+    def states():
+        nonlocal data
+        if data is None:
+            data = prune.collect_states(lm, layers, prune.text_batches(lm.tokenizer, text),
+                                        text.outlier_factor, full=layers)
+        return data
+    stored = _stored_prune(store)
+    if stored:
+        rows, settings = stored
+        prune_from, prune_text = store.folder / "prune.json", settings.get("text", {})
+    else:
+        ok = prune.prunable_layers(suite)
+        picks = sorted({ok[round(i * (len(ok) - 1) / max(1, n_layers - 1))]
+                        for i in range(n_layers)}) if ok else []
+        rows = prune.run_pruning(lm, suite, store, picks, states(), methods, out=out,
+                                 settings={"text": asdict(text), "model_dtype": cfg.dtype})
+        prune_from, prune_text = out / "prune.json", asdict(text)
+    plots = {"prune": prune.plot(rows, out / "prune.png",
+                                 title=f"Layer pruning: {suite.name} ({store.config.tag})")}
+    pcfg = cfg.persistence(layers)
+    mine = {**asdict(pcfg), "text": asdict(text)}
+    found, pfrom = _stored_persistence(store.folder / "persistence.json", newest), store.folder
+    if not found:
+        found, pfrom = _stored_persistence(out / "persistence.json", newest, mine), out
+    if found:
+        prows, dist, psettings = found
+        pfrom = pfrom / "persistence.json"
+    else:
+        prows, dist = ps.run_persistence(lm, suite, store, states(), pcfg, embed=embed)
+        psettings, pfrom = mine, out / "persistence.json"
+        write_json_atomic(pfrom, {"settings": mine, "rows": [r._asdict() for r in prows],
+                                  "distances": dist})
+    plots["persistence"] = ps.plot_persistence(
+        prows, out / "persistence.png", title=f"Feature persistence: {suite.name} "
+                                              f"({store.config.tag})")
+    return PermutationStage(store.config.tag, pairs, rows, prune_from, prune_text, prows,
+                            dist, pfrom, psettings, plots)
+
+
 def run_demo(cfg: DemoConfig) -> DemoResult:
     from saeflow.catalog import load_suite
     from saeflow.io import write_json_atomic
@@ -119,46 +274,53 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                                               save_deactivation)
     from saeflow.recipes.steer_eval import format_comparison, run_steer_eval
     from saeflow.report import write_report
+    from saeflow.themes import sentence_embedder
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    stage = Stages()
 
-    t = time.perf_counter()
-    spec = _suite_spec(cfg)
-    suite = load_suite(spec, model=cfg.model)  # trains the starter suite on first use
-    lm = suite.load_model(device=cfg.device, dtype=cfg.dtype)
-    timings["suite"] = time.perf_counter() - t
+    with stage("suite"):
+        spec = _suite_spec(cfg)
+        suite = load_suite(spec, model=cfg.model)  # trains the starter suite on first use
+        lm = suite.load_model(device=cfg.device, dtype=cfg.dtype)
 
-    t = time.perf_counter()
-    print("\n== atlas: data-free matching and lineage of every residual feature")
-    atlas = build_atlas(suite, AtlasOptions(), lm).atlas
-    print(f"atlas in {atlas.root}; thresholds: {atlas.info['threshold_rule']}")
-    print(fraction_table(atlas.class_fractions(), atlas.thresholds))
-    plot_fractions(atlas.class_fractions(), out / "lineage.png",
-                   title=f"Lineage of residual features over depth ({suite.name})")
-    timings["atlas"] = time.perf_counter() - t
+    with stage("atlas"):
+        print("\n== atlas: data-free matching and lineage of every residual feature")
+        atlas = build_atlas(suite, AtlasOptions(), lm).atlas
+        print(f"atlas in {atlas.root}; thresholds: {atlas.info['threshold_rule']}")
+        print(fraction_table(atlas.class_fractions(), atlas.thresholds))
+        plot_fractions(atlas.class_fractions(), out / "lineage.png",
+                       title=f"Lineage of residual features over depth ({suite.name})")
 
-    t = time.perf_counter()
-    print("\n== steering: seeds for the themes, flow graphs, single-layer vs cumulative")
-    steering = run_steer_eval(cfg.steering(out / "steering"), suite, lm, atlas)
-    print("\n" + format_comparison(steering.comparison))
-    timings["steering"] = time.perf_counter() - t
+    with stage("steering"):
+        print("\n== steering: seeds for the themes, flow graphs, single-layer vs cumulative")
+        embed = sentence_embedder()
+        steering = run_steer_eval(cfg.steering(out / "steering"), suite, lm, atlas, embed=embed)
+        print("\n" + format_comparison(steering.comparison))
 
-    t = time.perf_counter()
-    graphs = _graphs(steering, out)
-    timings["graphs"] = time.perf_counter() - t
+    with stage("graphs"):
+        graphs = _graphs(steering, out)
 
-    t = time.perf_counter()
-    print("\n== causal check: deactivate matched predecessors, does the target die?")
-    check = cfg.deactivation(out / "deactivation")
-    deactivation = run_deactivation_check(check, suite, lm)
-    print(format_table(deactivation.summary, check.config.layers))
-    save_deactivation(deactivation, Path(check.out))
-    timings["deactivation"] = time.perf_counter() - t
+    with stage("deactivation"):
+        print("\n== causal check: deactivate matched predecessors, does the target die?")
+        check = cfg.deactivation(out / "deactivation")
+        deactivation = run_deactivation_check(check, suite, lm)
+        print(format_table(deactivation.summary, check.config.layers, deactivation.info))
+        save_deactivation(deactivation, Path(check.out))
 
-    report = write_report(out, suite, atlas, graphs, cfg, timings, steering, deactivation)
-    write_json_atomic(out / "demo.json", {"config": asdict(cfg), "suite": spec,
-                                          "atlas": str(atlas.root), "timings": timings,
-                                          "seeds": {k: v["seed"] for k, v in graphs.items()}})
-    return DemoResult(out, report, atlas.root, timings)
+    with stage("permutations"):
+        print("\n== permutations over depth: layer pruning and feature persistence")
+        perm = _permutations(cfg, suite, lm, out / "permutation", embed)
+        print(f"pruning from {perm.prune_from}, persistence from {perm.persistence_from}")
+
+    with stage("report"):
+        report = write_report(out, suite, atlas, graphs, cfg, stage, steering, deactivation,
+                              perm)
+    write_json_atomic(out / "demo.json", {
+        "config": asdict(cfg), "suite": spec, "atlas": str(atlas.root),
+        "timings": stage.wall, "cpu_seconds": stage.cpu,
+        "seeds": {k: v["seed"] for k, v in graphs.items()}})
+    print("\nstage times (wall and CPU seconds of this process; the report shows them too):")
+    print(stage.table())
+    return DemoResult(out, report, atlas.root, dict(stage.wall), dict(stage.cpu))

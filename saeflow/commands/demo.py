@@ -22,8 +22,8 @@ def add(subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a four-layer suite trained on few tokens and tiny stages (for CI)")
     p.add_argument("--res-threshold", type=float, default=d.res_threshold,
-                   help="flow graphs: stop the residual chain below this cosine (%(default)s; the "
-                        "paper's 0.5 suits Gemma Scope, the starter suite's matches are weaker)")
+                   help="flow graphs: stop the residual chain below this cosine (%(default)s, "
+                        "the paper's)")
     p.add_argument("--block-threshold", type=float, default=d.block_threshold,
                    help="flow graphs: drop MLP/attention nodes below this cosine (%(default)s)")
     add_model_args(p)
