@@ -136,6 +136,7 @@ class Pool:
 def _rerun_unit(lm, suite, prev, edits, layer, row, tgt_idx, batch_tokens, part):
     from saeflow.deactivate import probe_values
     from saeflow.sites import Site
+    prev = [x.to(lm.device) for x in prev]  # shipped on the CPU: a worker has its own device
     return probe_values(lm, prev, edits, layer, suite[Site(layer, "res")], batch_tokens, row,
                         tgt_idx, part=part)
 
@@ -163,7 +164,8 @@ def deactivation_fan_out(pool: Pool, cfg, units: int, checkpoint_dir: str | Path
                 todo.append((i, units))
             else:
                 yield saved
-        args = (prev, edits, layer, row, tgt_idx, cfg.batch_tokens)
+        args = ([x.cpu() for x in prev], [e._replace(delta=e.delta.cpu()) for e in edits],
+                layer, row, tgt_idx, cfg.batch_tokens)
         for (i, n), (probes, z, pre) in pool.map(_rerun_unit, args, todo, f"layer {layer}"):
             if folder:
                 folder.mkdir(parents=True, exist_ok=True)
