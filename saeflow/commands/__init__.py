@@ -31,6 +31,16 @@ def add_fields(p: argparse.ArgumentParser, cls, helps: dict) -> None:
                        help=f"{text} (default %(default)s)")
 
 
+def add_ray_arg(p: argparse.ArgumentParser, units: str) -> None:
+    """``--ray [ADDRESS]``, the same on every command that fans its units out
+    (``saeflow.recipes.distribute``)."""
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"run the {units} as Ray tasks (pip install 'saeflow[ray]'): alone, on "
+                        "a Ray started on this machine; 'auto' or HOST:PORT, on a running "
+                        "cluster (ray start --head). Results equal the local run's; a killed "
+                        "run resumes")
+
+
 def from_args(cls, args: argparse.Namespace, **values):
     """An instance of dataclass ``cls`` from the namespace attributes named like its fields
     (``values`` first)."""

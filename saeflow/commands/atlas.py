@@ -6,17 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saeflow.commands import add_model_args, from_args
+from saeflow.commands import add_model_args, add_ray_arg, from_args
 from saeflow.recipes.atlas import AtlasOptions
-
-
-def add_ray_arg(p: argparse.ArgumentParser, units: str) -> None:
-    """``--ray [ADDRESS]``, the same on every command that fans its units out."""
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help=f"run the {units} as Ray tasks (pip install 'saeflow[ray]'): alone, on "
-                        "a Ray started on this machine; 'auto' or HOST:PORT, on a running "
-                        "cluster (ray start --head). Results equal the local run's; a killed "
-                        "run resumes")
 
 
 def add(subparsers) -> None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from saeflow.commands import add_model_args, joined, numbers
-from saeflow.commands.atlas import add_ray_arg
+from saeflow.commands import add_model_args, add_ray_arg, joined, numbers
 from saeflow.deactivate import STRATEGIES, DeactivationConfig
 from saeflow.recipes.deactivation import DeactivationRun
 

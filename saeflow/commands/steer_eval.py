@@ -5,8 +5,7 @@ held-out prompts and seeds. Re-running the same command resumes where it stopped
 
 from __future__ import annotations
 
-from saeflow.commands import add_model_args, from_args, joined, numbers
-from saeflow.commands.atlas import add_ray_arg
+from saeflow.commands import add_model_args, add_ray_arg, from_args, joined, numbers
 from saeflow.commands.steer import add_plan_args
 from saeflow.recipes.steer_eval import SteerEvalConfig
 from saeflow.recipes.steering import PlanOptions
