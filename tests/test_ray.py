@@ -321,3 +321,13 @@ def test_without_ray_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install 'saeflow\[ray\]'"):
         Pool("local", Given(None, None))
+
+
+def test_saeflow_and_its_parsers_do_not_import_ray():
+    import subprocess
+    code = ("import sys, saeflow, saeflow.recipes.distribute\n"
+            "from saeflow.cli import build_parser\n"
+            "build_parser()\n"
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
