@@ -178,9 +178,10 @@ def deactivation_fan_out(pool: Pool, cfg, units: int, checkpoint_dir: str | Path
 
 # ---- atlas: one unit per layer's matching ---------------------------------------------------
 def _atlas_unit(lm, suite, opts: dict, null_suite, layer: int) -> dict[str, bytes]:
-    from saeflow.atlas import _match_layer, layer_sources
+    from saeflow.atlas import _match_layer
     from saeflow.match import Operand, resolve_precision, residual_decoder
     from saeflow.sites import Site
+    from saeflow.sources import layer_sources
     dirs = residual_decoder(suite, Site(layer, "res"))
     R = Operand.cosine(dirs, resolve_precision(opts["precision"], dirs.shape[1]))
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,6 +200,7 @@ def atlas_layers(pool: Pool, suite, out: str | Path, *, k: int, block: int, prec
     atlas is left to those to refuse (``--out``) or replace (the cache)."""
     from saeflow import atlas as am
     from saeflow.io import file_lock, temp_dir, write_json_atomic
+    from saeflow.sources import layer_sources
     defaults = inspect.signature(am.compute_atlas).parameters
     seed, label_tokens = defaults["seed"].default, defaults["label_tokens"].default
     out = Path(out)
@@ -212,7 +214,7 @@ def atlas_layers(pool: Pool, suite, out: str | Path, *, k: int, block: int, prec
         for p in out.iterdir():  # our own cache of other settings, cleared as ensure_atlas does
             if not (same and p.name == CONTEXTS_FILE):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-    todo = [L for L in am.layer_sources(suite.sites())
+    todo = [L for L in layer_sources(suite.sites())
             if not (out / "layers" / f"{L:03d}" / "part.json").exists()]
     if not todo:
         return 0
