@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from saeflow.io import atomic_path, file_lock, temp_dir, write_json_atomic
+from saeflow.configs import ContextSettings
 from saeflow.labels import DEFAULT_CONTEXTS, LabelsMixin, store_readable, write_strings
 from saeflow.lens import Unembedding
 from saeflow.lineage import (DEFAULT_MIN_COS, DEFAULT_NULL, DEFAULT_NULL_SAMPLES,
@@ -286,7 +287,8 @@ def _finalize(out: Path, suite, sources, settings, rule: dict, do_labels, lm,
 def ensure_atlas(suite, lm=None, *, k: int = DEFAULT_K, null_samples: int = DEFAULT_NULL_SAMPLES,
                  seed: int = 0, label_tokens: int = 6, quantile: float | None = None,
                  thresholds=None, null: str | None = None, min_cos: float | None = None,
-                 calibration=None, null_suite=None, contexts=DEFAULT_CONTEXTS,
+                 calibration=None, null_suite=None,
+                 contexts: ContextSettings | None = DEFAULT_CONTEXTS,
                  explanations=None, **kwargs) -> Atlas:
     """The atlas of ``suite`` from ``cache_dir()/atlases/<suite name>``, computed there first if
     it is missing, stale (the suite's files or the settings changed), or lacks labels that

@@ -156,7 +156,8 @@ def test_atlas_labels_from_contexts_and_explanations(tmp_path):
     # a second run keeps the stored contexts (complete) and recomputes nothing
     again = compute_atlas(suite, tmp_path / "atlas", lm, null_samples=64, progress=False,
                           contexts=ContextSettings(n_tokens=2048), context_texts=TEXTS)
-    assert Contexts.find(again.root).meta["settings"]["n_tokens"] == 1024
+    kept = Contexts.find(again.root)
+    assert kept is not None and kept.meta["settings"]["n_tokens"] == 1024
     with pytest.raises(ValueError, match="is not a folder"):
         compute_atlas(suite, tmp_path / "atlas", lm, null_samples=64, progress=False,
                       explanations=tmp_path / "missing")
