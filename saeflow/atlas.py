@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from saeflow.io import atomic_path, file_lock, temp_dir, write_json_atomic
-from saeflow.configs import ContextSettings
+from saeflow.configs import DEFAULT_K, ContextSettings
 from saeflow.labels import DEFAULT_CONTEXTS, LabelsMixin, store_readable, write_strings
 from saeflow.lens import Unembedding
 from saeflow.lineage import (DEFAULT_MIN_COS, DEFAULT_NULL, DEFAULT_NULL_SAMPLES,
@@ -56,7 +56,6 @@ from saeflow.thresholds import LineageMixin
 SCHEMA = "saeflow.atlas/1"
 ATLAS_JSON = "atlas.json"
 SETTINGS_JSON = "settings.json"
-DEFAULT_K = 5
 
 
 def _fingerprint(suite) -> dict:

@@ -10,6 +10,14 @@ from dataclasses import dataclass
 OUTLIER_FACTOR = 10.0  # the usable-token norm limit, x the median (saeflow.tokens)
 DEFAULT_BLOCK = 4096  # tile size of the blocked decoder matmuls (saeflow.match)
 
+# the atlas and its threshold rule (saeflow.atlas, saeflow.lineage, saeflow.nulls)
+DEFAULT_K = 5  # matches stored per feature and source site
+DEFAULT_QUANTILE = 0.99
+DEFAULT_NULL_SAMPLES = 2048
+DEFAULT_NULL = "gaussian"
+DEFAULT_MIN_COS = 0.2  # the minimum effect size: cos^2 = 4% shared variance
+NULLS = ("gaussian", "rotation", "reference")
+
 # steering (saeflow.steer, saeflow.magnitudes)
 ACTIONS = ("activate", "suppress")
 MODES = ("single", "cumulative")

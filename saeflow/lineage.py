@@ -34,16 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
+from saeflow.configs import (DEFAULT_MIN_COS, DEFAULT_NULL,  # noqa: F401  (defined there)
+                             DEFAULT_NULL_SAMPLES, DEFAULT_QUANTILE)
 from saeflow.io import save_figure
 from saeflow.nulls import null_scores, random_rotation  # noqa: F401  (re-exported)
 
 CLASSES = ("translated", "processed_mlp", "processed_att", "processed_both",
            "newborn_mlp", "newborn_att", "newborn_both", "unexplained")
 SCORE_KINDS = ("res", "mlp", "att")
-DEFAULT_QUANTILE = 0.99
-DEFAULT_NULL_SAMPLES = 2048
-DEFAULT_NULL = "gaussian"
-DEFAULT_MIN_COS = 0.2  # the minimum effect size: cos^2 = 4% shared variance
 # names of the codes at a layer with no previous residual SAE (codes 0-3 cannot occur there)
 NO_PREVIOUS = {"newborn_mlp": "no_prev_mlp", "newborn_att": "no_prev_att",
                "newborn_both": "no_prev_both", "unexplained": "no_prev_unexplained"}

@@ -25,9 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saeflow.configs import NULLS
+
 __all__ = ["NULLS", "gaussian_directions", "null_scores", "random_rotation"]
 
-NULLS = ("gaussian", "rotation", "reference")
 
 
 def _unit(x: Tensor) -> Tensor:

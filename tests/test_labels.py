@@ -153,6 +153,22 @@ def test_atlas_labels_from_contexts_and_explanations(tmp_path):
         assert {t.lower() for t in shown} <= peaks
         assert f"«{top[0].token.strip()}»" in labels.context.replace("« ", "«")
     assert fired > 10
+    # `saeflow graph` exports carry the same readings: the explanation as the seed's label,
+    # what every node fires on and the promoted tokens as GraphML attributes
+    import networkx as nx
+
+    from saeflow.recipes.graph import export_graph
+    g = export_graph(str(tmp_path / "atlas"), "1/res/5", fmt="graphml")
+    assert isinstance(g.data, str)
+    read = nx.parse_graphml(g.data)
+    assert read.nodes["1/res/5"]["label"] == "weddings and churches"
+    def shown(text):  # GraphML cannot hold control characters: they are shown as U+FFFD
+        return "".join(ch if ch.isprintable() else "\ufffd" for ch in text)
+    for n in g.graph.nodes:
+        lab, got = atlas.labels(n.feature), read.nodes[str(n.feature)]
+        assert got.get("fires_on", "") == shown(lab.fires_on)
+        assert got["promotes"] == shown(lab.promotes)
+    assert any(atlas.labels(n.feature).fires_on for n in g.graph.nodes)
     # a second run keeps the stored contexts (complete) and recomputes nothing
     again = compute_atlas(suite, tmp_path / "atlas", lm, null_samples=64, progress=False,
                           contexts=ContextSettings(n_tokens=2048), context_texts=TEXTS)

@@ -16,7 +16,8 @@ def add(subparsers) -> None:
         "atlas", help="match every feature across layers and classify its lineage",
         description="Data-free flow atlas of a suite: top-k decoder-cosine matches of each "
                     "residual feature against R_{L-1}, M_L and A_L, per-layer thresholds, lineage "
-                    "classes and promoted-token labels. Resumes if interrupted.")
+                    "classes and labels (what each feature fires on, from top activating contexts of the "
+                    "bundled corpus, and the tokens it promotes). Resumes if interrupted.")
     p.add_argument("suite", help="'starter', a suite folder, a .json/.toml spec or a preset")
     p.add_argument("--out", default=None,
                    help="atlas folder (default: the cache, ~/.cache/saeflow/atlases/<suite name>)")
@@ -49,6 +50,13 @@ def add(subparsers) -> None:
     p.add_argument("--no-labels", action="store_true",
                    help="skip promoted-token labels (then no model is loaded unless att_z SAEs "
                         "need it)")
+    p.add_argument("--no-contexts", action="store_true",
+                   help="skip the top activating contexts behind the 'fires on' labels (then "
+                        "features are labelled by the tokens they promote)")
+    p.add_argument("--explanations", default=d.explanations, metavar="DIR",
+                   help="label features with Neuronpedia's explanation exports under DIR (the "
+                        "folder holding v1/{modelId}/{source}/explanations/); the suite must name "
+                        "its Neuronpedia ids")
     p.add_argument("--plot", default=None, help="where to write the PNG (default OUT/lineage.png)")
     add_ray_arg(p, "layers' matching")
     add_model_args(p)
@@ -61,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from saeflow.recipes.atlas import atlas_model, build_atlas
     from saeflow.recipes.distribute import SuiteLoader
 
-    opts = from_args(AtlasOptions, args, labels=not args.no_labels)
+    opts = from_args(AtlasOptions, args, labels=not args.no_labels,
+                     contexts=not args.no_contexts)
     suite = load_suite(args.suite, model=args.model)
     lm = atlas_model(suite, opts.labels, device=args.device, dtype=args.dtype)
     loader = SuiteLoader(args.suite, args.model, args.device, args.dtype, lm=None)

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import NamedTuple
 from typing import TYPE_CHECKING
 
-from saeflow.atlas import DEFAULT_K, Atlas
-from saeflow.lineage import (DEFAULT_MIN_COS, DEFAULT_NULL, DEFAULT_NULL_SAMPLES,
-                             DEFAULT_QUANTILE, parse_threshold_spec)
-from saeflow.match import DEFAULT_BLOCK
+from saeflow.configs import (DEFAULT_BLOCK, DEFAULT_K, DEFAULT_MIN_COS, DEFAULT_NULL,
+                             DEFAULT_NULL_SAMPLES, DEFAULT_QUANTILE, NULLS)
 
 if TYPE_CHECKING:
+    from saeflow.atlas import Atlas
     from saeflow.models import LM
     from saeflow.suite import Suite
 
@@ -32,6 +31,8 @@ class AtlasOptions:
     quantile: float = DEFAULT_QUANTILE
     thresholds: str | None = None  # a threshold override (``lineage.parse_threshold_spec``)
     labels: bool = True
+    contexts: bool = True  # with labels: top activating contexts, for "fires on" labels
+    explanations: str | None = None  # a folder of Neuronpedia explanation exports
     null: str = DEFAULT_NULL  # gaussian | rotation | reference (needs null_suite)
     min_cos: float = DEFAULT_MIN_COS  # the minimum effect size: no threshold below it
     null_suite: str | None = None  # a suite (name or path): same sites, another training seed
@@ -40,8 +41,9 @@ class AtlasOptions:
     ray: str | None = None  # the layers' matching on Ray: "local", "auto" or an address
 
     def __post_init__(self):
-        from saeflow.nulls import NULLS
-        parse_threshold_spec(self.thresholds)  # a bad override fails before anything loads
+        if self.thresholds is not None:  # a bad override fails before anything loads
+            from saeflow.lineage import parse_threshold_spec
+            parse_threshold_spec(self.thresholds)
         if self.null not in NULLS:
             raise ValueError(f"--null: unknown null {self.null!r}; known: {', '.join(NULLS)}")
         if self.null == "reference" and not self.null_suite:
@@ -82,7 +84,10 @@ def build_atlas(suite: Suite, opts: AtlasOptions, lm: LM | None = None,
     for att_z SAEs) with ``loader`` (``distribute.SuiteLoader``; default: ship them); labels
     and the classification are computed here."""
     from saeflow.atlas import compute_atlas, ensure_atlas
+    from saeflow.labels import DEFAULT_CONTEXTS
+    from saeflow.lineage import parse_threshold_spec
     thresholds = parse_threshold_spec(opts.thresholds)
+    contexts = DEFAULT_CONTEXTS if opts.labels and opts.contexts else None
     t0 = time.perf_counter()
     null_suite = calibration = None
     if opts.null_suite:
@@ -104,11 +109,13 @@ def build_atlas(suite: Suite, opts: AtlasOptions, lm: LM | None = None,
                               precision=opts.precision, null_samples=opts.null_samples,
                               quantile=opts.quantile, thresholds=thresholds, labels=opts.labels,
                               null=opts.null, min_cos=opts.min_cos, null_suite=null_suite,
-                              calibration=calibration)
+                              calibration=calibration, contexts=contexts,
+                              explanations=opts.explanations)
     else:
         atlas = ensure_atlas(suite, lm, k=opts.k, null_samples=opts.null_samples,
                              quantile=opts.quantile, thresholds=thresholds, block=opts.block,
                              precision=opts.precision, labels=opts.labels, null=opts.null,
                              min_cos=opts.min_cos, null_suite=null_suite,
-                             calibration=calibration)
+                             calibration=calibration, contexts=contexts,
+                             explanations=opts.explanations)
     return AtlasRun(atlas, time.perf_counter() - t0)

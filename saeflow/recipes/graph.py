@@ -23,7 +23,7 @@ def export_graph(atlas: str, feature: str, fmt: str = "json", out: str | None = 
     """Trace ``feature`` in the atlas ``atlas`` names and render it in ``fmt``, written to
     ``out`` when given (``neuronpedia``: circuit-tracer's data folder)."""
     from saeflow.catalog import open_atlas
-    from saeflow.export import render
+    from saeflow.export import graph_labels, render
     from saeflow.flow import trace
     from saeflow.io import write_bytes, write_text
     from saeflow.neuronpedia import ids_of_atlas, relabel, write_graph_folder
@@ -31,15 +31,20 @@ def export_graph(atlas: str, feature: str, fmt: str = "json", out: str | None = 
     graph = trace(opened, feature, res_threshold, block_threshold, children=children,
                   max_nodes=max_nodes)
     ids = ids_of_atlas(opened) if explanations or fmt == "neuronpedia" else None
+    labels = graph_labels(opened, graph)  # what each feature fires on, promotes, ...
     if explanations:
         if ids is None:
             raise ValueError("--explanations: the atlas's suite names no Neuronpedia ids "
                              "(suite.json \"neuronpedia\" or the SAEs' neuronpedia_id)")
-        graph = relabel(graph, ids.labels(explanations, graph.features))
+        found = ids.labels(explanations, graph.features)
+        graph = relabel(graph, found)
+        labels = {f: lab._replace(label=found[f], explanation=found[f]) if f in found else lab
+                  for f, lab in labels.items()}
     if fmt == "neuronpedia" and out:
-        path = write_graph_folder(graph, out, urls=ids.urls(graph.features) if ids else None)
+        path = write_graph_folder(graph, out, labels=labels,
+                                  urls=ids.urls(graph.features) if ids else None)
         return GraphExport(graph, None, Path(path))
-    data = render(graph, fmt)
+    data = render(graph, fmt, labels=labels)
     if not out:
         return GraphExport(graph, data, None)
     if isinstance(data, bytes):
