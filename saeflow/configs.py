@@ -146,3 +146,96 @@ class ContextSettings:
     def n_batches(self) -> int:
         per = self.seq_len * self.batch_size
         return max(1, -(-self.n_tokens // per))
+
+
+# ---- the causal check (saeflow.deactivate, saeflow.correlate) ----------------------------
+POWER_TOKENS = 100_000  # tokens the Pearson baseline needs for its power (saeflow.correlate)
+STRATEGIES = ("top1", "top5", "random5", "random_active", "permutation", "pearson",
+              "exhaustive")
+
+
+@dataclass(frozen=True)
+class DeactivationConfig:
+    layers: tuple[int, ...] = (6, 12, 18)
+    strategies: tuple[str, ...] = STRATEGIES
+    rs: tuple[float, ...] = (0.0,)
+    tokens_per_text: int = 5
+    max_len: int = 64  # tokens per text (longer texts are cut)
+    max_pairs: int | None = None  # over all layers, split evenly
+    top_k: int = 5
+    corr_tokens: int = POWER_TOKENS  # tokens for the Pearson baseline (fewer: underpowered)
+    batch_tokens: int = 8192  # edited rows x prefix length per block call
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "strategies", tuple(self.strategies))
+        object.__setattr__(self, "rs", tuple(float(x) for x in self.rs))
+        if not self.layers or min(self.layers) < 1:
+            raise ValueError(f"deactivate: layers must be >= 1 (layer L needs R_(L-1)), got "
+                             f"{list(self.layers)}")
+        bad = [s for s in self.strategies if s not in STRATEGIES]
+        if bad or not self.strategies:
+            raise ValueError(f"deactivate: unknown strategies {bad}; known: "
+                             f"{', '.join(STRATEGIES)}")
+        if not self.rs:
+            raise ValueError("deactivate: give at least one r")
+        for name in ("tokens_per_text", "top_k", "corr_tokens", "batch_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"deactivate: {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_len < 2:
+            raise ValueError("deactivate: max_len must be >= 2 (position 0 is never sampled)")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ValueError(f"deactivate: max_pairs must be >= 1, got {self.max_pairs}")
+
+
+# ---- the steering evaluation (saeflow.evaluate) ------------------------------------------
+REPORT_PROMPTS = ("My friend told me", "In my opinion,", "Today", "Here is the story of")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    modes: tuple[str, ...] = MODES
+    layers: tuple[int, ...] = ()
+    coefficients: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
+    prompts: tuple[str, ...] = ("I think", "Let me tell you about", "Yesterday,", "The best thing")
+    seeds: tuple[int, ...] = (0,)
+    samples: int = 2
+    report_prompts: tuple[str, ...] = REPORT_PROMPTS
+    report_seeds: tuple[int, ...] | None = None  # None: as many seeds, after the selection ones
+    max_new_tokens: int = 36
+    schedule: str = "constant"
+    alpha: float = -0.05
+    end_coefficient: float | None = None
+    action: str = "activate"
+    temperature: float = 1.27
+    top_p: float = 0.7
+    baseline_prompt: str = "Write about {theme}.\n\n{prompt}"
+    equal_norm: bool = True  # add cumulative_norm cells (activation with both modes only)
+    judge_sample: int = 24  # held-out generations a configured judge rates
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError(f"unknown action {self.action!r}; known: {', '.join(ACTIONS)}")
+        for m in self.modes:
+            if m not in MODES:
+                raise ValueError(f"unknown mode {m!r}; known: {', '.join(MODES)}")
+        if not self.layers or not self.coefficients or not self.prompts or not self.seeds:
+            raise ValueError("a sweep needs layers, coefficients, prompts and seeds")
+        if self.report_seeds is None:
+            top = max(self.seeds) + 1
+            object.__setattr__(self, "report_seeds", tuple(range(top, top + len(self.seeds))))
+        if not self.report_prompts or not self.report_seeds:
+            raise ValueError("a sweep needs report prompts and seeds (held out from selection)")
+        if same := sorted(set(self.prompts) & set(self.report_prompts)):
+            raise ValueError(f"prompts {same} are both selection and report prompts; the "
+                             "held-out report needs prompts no choice has seen")
+        if same := sorted(set(self.seeds) & set(self.report_seeds or ())):
+            raise ValueError(f"seeds {same} are both selection and report seeds; the held-out "
+                             "report needs seeds no choice has seen")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+
+    @property
+    def norm_cells(self) -> bool:
+        return self.equal_norm and self.action == "activate" and set(MODES) <= set(self.modes)

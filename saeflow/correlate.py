@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-POWER_TOKENS = 100_000
+from saeflow.configs import POWER_TOKENS  # noqa: F401  (defined there)
 
 
 def pearson_top1(x_NT: Tensor, y_NF: Tensor, block: int = 1024) -> tuple[Tensor, Tensor]:

@@ -62,9 +62,10 @@ import torch
 from torch import Tensor
 
 from saeflow.compute import pad_batch
+from saeflow.configs import POWER_TOKENS, STRATEGIES, DeactivationConfig
 from saeflow.block_edits import (Edit, block_inputs, edit_delta, edited_target_acts,
                                  iter_edited_acts, naive_target_acts)
-from saeflow.correlate import POWER_TOKENS, StreamingPearson, pearson_top1
+from saeflow.correlate import StreamingPearson, pearson_top1
 from saeflow.hooks import BlockRerun, run_sites
 from saeflow.sites import Feature, Site
 from saeflow.sources import source_sites as predecessor_sites
@@ -73,45 +74,8 @@ __all__ = ["STRATEGIES", "DeactivationConfig", "DeactivationResult", "Edit", "Pa
            "SummaryRow", "block_inputs", "edit_delta", "edited_target_acts", "iter_edited_acts",
            "naive_target_acts", "pearson_top1", "run_deactivation", "summarize", "tokenize_texts"]
 
-STRATEGIES = ("top1", "top5", "random5", "random_active", "permutation", "pearson",
-              "exhaustive")
 RESULT_VERSION = 2  # bumped when pairs change meaning or fields (checkpoints of others are redone)
 KIND_ORDER = ("res", "mlp", "att")
-
-
-@dataclass(frozen=True)
-class DeactivationConfig:
-    layers: tuple[int, ...] = (6, 12, 18)
-    strategies: tuple[str, ...] = STRATEGIES
-    rs: tuple[float, ...] = (0.0,)
-    tokens_per_text: int = 5
-    max_len: int = 64  # tokens per text (longer texts are cut)
-    max_pairs: int | None = None  # over all layers, split evenly
-    top_k: int = 5
-    corr_tokens: int = POWER_TOKENS  # tokens for the Pearson baseline (fewer: underpowered)
-    batch_tokens: int = 8192  # edited rows x prefix length per block call
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        object.__setattr__(self, "strategies", tuple(self.strategies))
-        object.__setattr__(self, "rs", tuple(float(x) for x in self.rs))
-        if not self.layers or min(self.layers) < 1:
-            raise ValueError(f"deactivate: layers must be >= 1 (layer L needs R_(L-1)), got "
-                             f"{list(self.layers)}")
-        bad = [s for s in self.strategies if s not in STRATEGIES]
-        if bad or not self.strategies:
-            raise ValueError(f"deactivate: unknown strategies {bad}; known: "
-                             f"{', '.join(STRATEGIES)}")
-        if not self.rs:
-            raise ValueError("deactivate: give at least one r")
-        for name in ("tokens_per_text", "top_k", "corr_tokens", "batch_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"deactivate: {name} must be >= 1, got {getattr(self, name)}")
-        if self.max_len < 2:
-            raise ValueError("deactivate: max_len must be >= 2 (position 0 is never sampled)")
-        if self.max_pairs is not None and self.max_pairs < 1:
-            raise ValueError(f"deactivate: max_pairs must be >= 1, got {self.max_pairs}")
 
 
 class PairOutcome(NamedTuple):

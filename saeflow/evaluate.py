@@ -38,62 +38,14 @@ from pathlib import Path
 from saeflow.scoring import (MIN_TOKENS, Coherence, CoherenceScorer, TopicScorer,  # noqa: F401
                              calibrate_coherence, calibrate_topic, context_free_logprobs,
                              continuation_nll, judge, repetition, snippet, unigram_repetition)
-from saeflow.steer import ACTIONS, MODES, Generation, SteeringPlan, generate, plan_from_graph
+from saeflow.configs import REPORT_PROMPTS, SweepConfig  # noqa: F401  (defined there)
+from saeflow.steer import MODES, Generation, SteeringPlan, generate, plan_from_graph
 
-REPORT_PROMPTS = ("My friend told me", "In my opinion,", "Today", "Here is the story of")
 NORM_MODE = "cumulative_norm"
 SCORER_VERSION = 3  # bumped when scores change meaning; resuming older results needs --rescore
 
 
-# ---- configuration ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SweepConfig:
-    modes: tuple[str, ...] = MODES
-    layers: tuple[int, ...] = ()
-    coefficients: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
-    prompts: tuple[str, ...] = ("I think", "Let me tell you about", "Yesterday,", "The best thing")
-    seeds: tuple[int, ...] = (0,)
-    samples: int = 2
-    report_prompts: tuple[str, ...] = REPORT_PROMPTS
-    report_seeds: tuple[int, ...] | None = None  # None: as many seeds, after the selection ones
-    max_new_tokens: int = 36
-    schedule: str = "constant"
-    alpha: float = -0.05
-    end_coefficient: float | None = None
-    action: str = "activate"
-    temperature: float = 1.27
-    top_p: float = 0.7
-    baseline_prompt: str = "Write about {theme}.\n\n{prompt}"
-    equal_norm: bool = True  # add cumulative_norm cells (activation with both modes only)
-    judge_sample: int = 24  # held-out generations a configured judge rates
-
-    def __post_init__(self):
-        if self.action not in ACTIONS:
-            raise ValueError(f"unknown action {self.action!r}; known: {', '.join(ACTIONS)}")
-        for m in self.modes:
-            if m not in MODES:
-                raise ValueError(f"unknown mode {m!r}; known: {', '.join(MODES)}")
-        if not self.layers or not self.coefficients or not self.prompts or not self.seeds:
-            raise ValueError("a sweep needs layers, coefficients, prompts and seeds")
-        if self.report_seeds is None:
-            top = max(self.seeds) + 1
-            object.__setattr__(self, "report_seeds", tuple(range(top, top + len(self.seeds))))
-        if not self.report_prompts or not self.report_seeds:
-            raise ValueError("a sweep needs report prompts and seeds (held out from selection)")
-        if same := sorted(set(self.prompts) & set(self.report_prompts)):
-            raise ValueError(f"prompts {same} are both selection and report prompts; the "
-                             "held-out report needs prompts no choice has seen")
-        if same := sorted(set(self.seeds) & set(self.report_seeds or ())):
-            raise ValueError(f"seeds {same} are both selection and report seeds; the held-out "
-                             "report needs seeds no choice has seen")
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
-
-    @property
-    def norm_cells(self) -> bool:
-        return self.equal_norm and self.action == "activate" and set(MODES) <= set(self.modes)
-
-
+# ---- results (the sweep settings, SweepConfig, live in saeflow.configs) -----------------------
 @dataclass
 class CellResult:
     theme: str

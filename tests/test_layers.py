@@ -169,11 +169,12 @@ def _parser_imports(names: list[str]) -> list[str]:
 
 
 # Commands whose parsers still load torch (their defaults come from modules that import it).
-HEAVY_PARSERS = ["deactivate", "steer_eval", "demo"]
+HEAVY_PARSERS = ["demo"]
 
 
 @pytest.mark.parametrize("name", ["train", "quality", "graph", "match", "permute", "prune",
-                                  "groups", "steer", "themes", "contexts", "view", "info", "atlas"])
+                                  "groups", "steer", "themes", "contexts", "view", "info", "atlas",
+                                  "deactivate", "steer_eval"])
 def test_building_a_command_parser_imports_no_torch(name):
     """``saeflow --help`` builds every parser: their defaults come from torch-free config
     modules (``saeflow.configs``, the recipes' options), the work imports inside ``run``."""

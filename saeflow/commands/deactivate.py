@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from saeflow.commands import add_model_args, add_ray_arg, joined, numbers
-from saeflow.deactivate import STRATEGIES, DeactivationConfig
+from saeflow.configs import STRATEGIES, DeactivationConfig
 from saeflow.recipes.deactivation import DeactivationRun
 
 

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from saeflow.deactivate import DeactivationConfig
+from saeflow.configs import DeactivationConfig
 from saeflow.plots import DEACTIVATION_LABELS
 from saeflow.recipes import Log
 

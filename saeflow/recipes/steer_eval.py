@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from typing import TYPE_CHECKING
 
-from saeflow.evaluate import CoherenceScorer, SweepConfig, TopicScorer
+from saeflow.configs import SweepConfig
 from saeflow.flow import FlowGraph
 from saeflow.recipes import Log, config_default, slug
 from saeflow.recipes.steering import PlanOptions, read_examples, trace_graph
@@ -28,6 +28,7 @@ from saeflow.sites import Feature
 
 if TYPE_CHECKING:
     from saeflow.atlas import Atlas
+    from saeflow.evaluate import CoherenceScorer, TopicScorer
     from saeflow.models import LM
     from saeflow.suite import Suite
 
