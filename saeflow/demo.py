@@ -182,13 +182,14 @@ class PermutationStage(NamedTuple):
     plots: dict[str, Path]
 
 
-def _stored_prune(store) -> tuple[list, dict] | None:
-    """The rows of ``saeflow prune`` stored for this suite whose SAEs are unchanged."""
+def _stored_prune(store, path: Path | None = None) -> tuple[list, dict] | None:
+    """The rows of a prune.json (``saeflow prune``'s in the permutation folder by default)
+    whose SAEs are unchanged, and its settings."""
     import json
 
     from saeflow.prune import PruneRow
     from saeflow.sites import Site
-    path = store.folder / "prune.json"
+    path = path or store.folder / "prune.json"
     if not path.exists():
         return None
     data = json.loads(path.read_text())
@@ -215,6 +216,8 @@ def _stored_persistence(path: Path, newest_pair: float, settings: dict | None = 
 
 def _permutations(cfg: DemoConfig, suite, lm, out: Path, embed) -> PermutationStage:
     """Stage 6 (module docstring): stored results first, else small ones into ``out``."""
+    import json
+
     from saeflow import persistence as ps
     from saeflow import prune
     from saeflow.io import write_json_atomic
@@ -240,13 +243,19 @@ def _permutations(cfg: DemoConfig, suite, lm, out: Path, embed) -> PermutationSt
         ok = prune.prunable_layers(suite)
         picks = sorted({ok[round(i * (len(ok) - 1) / max(1, n_layers - 1))]
                         for i in range(n_layers)}) if ok else []
-        rows = prune.run_pruning(lm, suite, store, picks, states(), methods, out=out,
-                                 settings={"text": asdict(text), "model_dtype": cfg.dtype})
+        settings = {"text": asdict(text), "model_dtype": cfg.dtype}
+        own = _stored_prune(store, out / "prune.json")  # a re-run: no forward pass needed
+        rows = [r for r in own[0] if r.layer in picks] if own else []
+        if not own or {r.layer for r in rows} != set(picks) or \
+                own[1] != {**settings, "methods": list(methods), "with_loss": True,
+                           "permutations": store.config.tag}:
+            rows = prune.run_pruning(lm, suite, store, picks, states(), methods, out=out,
+                                     settings=settings)
         prune_from, prune_text = out / "prune.json", asdict(text)
     plots = {"prune": prune.plot(rows, out / "prune.png",
                                  title=f"Layer pruning: {suite.name} ({store.config.tag})")}
     pcfg = cfg.persistence(layers)
-    mine = {**asdict(pcfg), "text": asdict(text)}
+    mine = json.loads(json.dumps({**asdict(pcfg), "text": asdict(text)}))  # as stored
     found, pfrom = _stored_persistence(store.folder / "persistence.json", newest), store.folder
     if not found:
         found, pfrom = _stored_persistence(out / "persistence.json", newest, mine), out
