@@ -16,14 +16,18 @@ PY=${PYTHON:-python3}
 # nnsight (a dictionary-learning dependency) pulls a torchvision built for another torch, which
 # breaks `import transformers`; nothing the tests run needs torchvision.
 .venv-peers/bin/pip --disable-pip-version-check -q uninstall -y torchvision 2>/dev/null || true
-# circuit-tracer's frontend files (its Python dependencies are not needed), and the npm
-# packages its data code runs on, for the frontend check in tests/test_neuronpedia.py.
+# circuit-tracer's frontend files and its server (its Python dependencies are not needed), and
+# the npm packages its page loads from CDNs, for tests/test_neuronpedia.py (its data code under
+# node) and tests/test_circuit_tracer_browser.py (the page in Chromium, the CDN URLs answered
+# from here): d3 7 and d3-jetpack (+ d3-collection) for its d3.js and jetpack_2024-07-20.js, and
+# the exact dagre@0.8.5 and pako@2.1.0 its index.html names.
 .venv-peers/bin/pip --disable-pip-version-check -q install --no-deps "circuit-tracer==0.5.0"
 if command -v npm >/dev/null 2>&1; then
-  npm install --silent --no-audit --no-fund --prefix .venv-peers/js d3@7.9.2 d3-collection@1.0.7 \
-    d3-jetpack@2.1.0
+  npm install --silent --no-audit --no-fund --save-exact --prefix .venv-peers/js d3@7.9.2 d3-collection@1.0.7 \
+    d3-jetpack@2.1.0 dagre@0.8.5 pako@2.1.0
 else
-  echo "setup: npm is missing; the circuit-tracer frontend check will be skipped" >&2
+  echo "setup: npm is missing; the circuit-tracer frontend checks (node and browser) will be" \
+    "skipped" >&2
 fi
 # pyarrow 21+ needs numpy 2, which sae-lens 5 does not allow.
 .venv-peers5/bin/pip --disable-pip-version-check -q install "torch==2.13.0" "sae-lens==5.11.0" \
