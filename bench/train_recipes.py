@@ -152,9 +152,14 @@ def top1(A, B) -> torch.Tensor:
 
 def run(args) -> list[dict]:
     from saeflow.models import load_model
+    sites = [Site.parse(s) for s in args.sites.split(",")]
+    unknown = [n for n in args.variants.split(",") if n not in VARIANTS]
+    if len(sites) < 2:
+        raise SystemExit(f"--sites needs two adjacent sites first, got {args.sites!r}")
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     tune_malloc()
     lm = load_model("smollm2", dtype="bfloat16")
-    sites = [Site.parse(s) for s in args.sites.split(",")]
     t0 = time.perf_counter()
     key = (args.sites, args.tokens, args.batch_tokens, args.heldout_tokens)
     cached = torch.load(args.cache, weights_only=False) if args.cache and \
@@ -166,7 +171,8 @@ def run(args) -> list[dict]:
         if args.cache:
             torch.save({"key": key, "acts": acts}, args.cache + ".tmp")
             os.replace(args.cache + ".tmp", args.cache)
-    print(f"collected {args.tokens:,} tokens at {len(sites)} sites in "
+    how = "collected" if cached is None or cached["key"] != key else f"read from {args.cache}"
+    print(f"activations of {args.tokens:,} tokens at {len(sites)} sites {how} in "
           f"{time.perf_counter() - t0:.0f} s")
     a, b, *extra = sites
     rows = []
