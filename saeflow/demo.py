@@ -92,7 +92,7 @@ class DemoConfig:
         over depth) it computes when nothing valid is stored, and the estimates compared."""
         if self.quick:
             return HeldoutConfig(n_seqs=1, seq_len=64, batch_size=1), 1, ("permutation", "skip")
-        return HeldoutConfig(n_seqs=8), 8, PRUNE_METHODS
+        return HeldoutConfig(n_seqs=4), 6, PRUNE_METHODS
 
     def persistence(self, layers: list[int]) -> PersistenceConfig:
         """A small persistence run (the command's default follows 128 features from 4 starts
@@ -101,7 +101,7 @@ class DemoConfig:
             return PersistenceConfig(starts=(layers[0],), max_distance=2, n_features=8,
                                      top_k=2, min_fires=1)
         starts = (layers[len(layers) // 6], layers[len(layers) // 2])
-        return PersistenceConfig(starts=starts, max_distance=8, n_features=48, top_k=2)
+        return PersistenceConfig(starts=starts, max_distance=8, n_features=32, top_k=2)
 
 
 class Stages:
