@@ -62,11 +62,16 @@ def main() -> None:
     print(f"{'exact':<10} {we:8.1f} {ce:8.1f} {ne:9d}")
     print(f"{'shortlist':<10} {ws:8.1f} {cs:8.1f} {ns:9d}   ratio wall {ws / we:.3f}, "
           f"cpu {cs / ce:.3f}")
-    print(f"\n{'theme':<34} {'recall':>7} {'cut exact':>10} {'cut est.':>9}  expansion")
+    print(f"\n{'theme':<34} {'recall':>7} {'top-8':>6} {'mean cos':>15} {'cut':>13}  "
+          "expansion")
     for th in themes:
-        got, want = set(short[th][0]), set(exact[th][0])
-        print(f"{th:<34} {len(got & want) / len(want):7.2f} {exact[th][3].get('cut', float('nan')):10.3f} "
-              f"{short[th][3]['cut']:9.3f}  {' '.join(short[th][3]['expansion'][:8])}")
+        (got, gs, _, info), (want, ws_, _, einfo) = short[th], exact[th]
+        r = len(set(got) & set(want)) / len(want)
+        r8 = len(set(got) & set(want[:8])) / min(8, len(want))
+        print(f"{th:<34} {r:7.2f} {r8:6.2f} {sum(gs) / len(gs):7.3f}/{sum(ws_) / len(ws_):.3f} "
+              f"{info['cut']:6.3f}/{einfo['cut']:.3f}  {' '.join(info['expansion'][:8])}")
+    print("(recall: of the exact rule's theme paragraphs; top-8: of its 8 nearest; mean cos and "
+          "the background cut: shortlist / exact)")
     if args.no_full:
         return
     print(f"\nwhole corpus ({len(corpus)} paragraphs), shortlist, a fresh cache per theme:")
