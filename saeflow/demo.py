@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from saeflow.deactivate import DeactivationConfig
 from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD
-from saeflow.configs import PRUNE_METHODS, HeldoutConfig, PersistenceConfig
+from saeflow.configs import PRUNE_METHODS, DeactivationConfig, HeldoutConfig, PersistenceConfig
 from saeflow.recipes.deactivation import DeactivationRun
 from saeflow.recipes.steer_eval import SteerEvalConfig
 from saeflow.recipes.steering import PlanOptions
