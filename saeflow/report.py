@@ -53,8 +53,9 @@ def _graphs(graphs: dict, cfg) -> str:
         parts.append(
             f"<h3>{_e(theme)}: seed <code>{_e(g['seed'])}</code></h3>"
             f"<p>{len(graph.nodes)} features, {len(graph.edges)} edges, layers "
-            f"{layers[0]}&ndash;{layers[-1]}.{fires} Node labels are the tokens each decoder "
-            f"row promotes through the unembedding; the drawing keeps its size (scroll "
+            f"{layers[0]}&ndash;{layers[-1]}.{fires} Node labels say what each feature fires on "
+            f"(its top activating tokens in the bundled corpus), else the tokens its decoder row "
+            f"promotes through the unembedding; the drawing keeps its size (scroll "
             f"sideways through a long graph).</p><div class=\"svg\">{g['svg']}</div>"
             "<details><summary>nodes</summary>"
             + _table(["feature", "lineage", "label", "cos"], nodes, left=3) + "</details>")
