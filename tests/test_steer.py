@@ -168,6 +168,20 @@ def _passes(lm, site):
     return store, handle
 
 
+def _batched_passes(lm, suite, plan):
+    """The layer-2 residual of every forward pass of a left-padded two-prompt greedy generation,
+    unsteered and with ``plan``."""
+    runs = []
+    for p in (None, plan):
+        store, handle = _passes(lm, Site(2, "res"))
+        try:
+            generate(lm, ["I think", "The weather today"], p, 3, suite=suite, greedy=True)
+        finally:
+            handle.remove()
+        runs.append(store)
+    return runs
+
+
 def test_suppression_leaves_position_0_and_outlier_tokens_alone(lm, suite):
     """One usable-token rule: the first token and a planted huge-norm token are not edited,
     every other token is."""
@@ -195,14 +209,7 @@ def test_suppression_in_generation_skips_each_rows_first_token(lm, suite):
     later: a token's state there depends on the edit of itself and earlier tokens only."""
     site = Site(1, "res")
     plan = SteeringPlan([(Feature(site, j), 0.0) for j in range(F)], action="suppress")
-    runs = []
-    for p in (None, plan):
-        store, handle = _passes(lm, Site(2, "res"))
-        try:
-            generate(lm, ["I think", "The weather today"], p, 3, suite=suite, greedy=True)
-        finally:
-            handle.remove()
-        runs.append(store)
+    runs = _batched_passes(lm, suite, plan)
     (base, steered) = (r[0] for r in runs)  # the prompt passes [2, T, D]
     first = len("The weather today") - len("I think")  # row 0's first real token (left padding)
     assert torch.equal(base[0, first], steered[0, first])
@@ -273,14 +280,7 @@ def test_generated_only_leaves_the_prompt_alone_and_steers_new_tokens(lm, suite)
     unsteered = generate(lm, "I think", None, 10, greedy=True)[0]
     assert unsteered.new_ids != gen.new_ids
     assert unsteered.new_ids[0] == gen.new_ids[0]  # drawn from the unsteered prompt states
-    runs = []
-    for p in (None, plan):
-        store, handle = _passes(lm, Site(2, "res"))
-        try:
-            generate(lm, ["I think", "The weather today"], p, 3, suite=suite, greedy=True)
-        finally:
-            handle.remove()
-        runs.append(store)
+    runs = _batched_passes(lm, suite, plan)
     assert torch.equal(runs[0][0], runs[1][0])  # the prompt pass [2, T, D]
     assert not torch.equal(runs[0][2], runs[1][2])  # the second new token's pass is steered
     late = SteeringPlan(plan.terms, from_token=100, generated_only=True)  # beyond every token
