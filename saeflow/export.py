@@ -32,6 +32,9 @@ def graph_labels(atlas, graph: FlowGraph) -> dict:
     return {n.feature: atlas.labels(n.feature) for n in graph.nodes}
 
 
+LABELLED_FORMATS = ("graphml", "dot", "neuronpedia")  # the formats that use ``labels``
+
+
 def render(graph: FlowGraph, fmt: str, labels: dict | None = None) -> str | bytes:
     """The graph in ``fmt`` (``FORMATS``): bytes for png, text for the others. ``labels``
     (``graph_labels(atlas, graph)``) adds the second reading of each feature: the promoted

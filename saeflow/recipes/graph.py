@@ -23,7 +23,7 @@ def export_graph(atlas: str, feature: str, fmt: str = "json", out: str | None = 
     """Trace ``feature`` in the atlas ``atlas`` names and render it in ``fmt``, written to
     ``out`` when given (``neuronpedia``: circuit-tracer's data folder)."""
     from saeflow.catalog import open_atlas
-    from saeflow.export import graph_labels, render
+    from saeflow.export import LABELLED_FORMATS, graph_labels, render
     from saeflow.flow import trace
     from saeflow.io import write_bytes, write_text
     from saeflow.neuronpedia import ids_of_atlas, relabel, write_graph_folder
@@ -31,7 +31,8 @@ def export_graph(atlas: str, feature: str, fmt: str = "json", out: str | None = 
     graph = trace(opened, feature, res_threshold, block_threshold, children=children,
                   max_nodes=max_nodes)
     ids = ids_of_atlas(opened) if explanations or fmt == "neuronpedia" else None
-    labels = graph_labels(opened, graph)  # what each feature fires on, promotes, ...
+    # what each feature fires on, promotes, ...: only for the formats that show it
+    labels = graph_labels(opened, graph) if fmt in LABELLED_FORMATS else {}
     if explanations:
         if ids is None:
             raise ValueError("--explanations: the atlas's suite names no Neuronpedia ids "
