@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from saeflow.io import atomic_path, file_lock, temp_dir, write_json_atomic
-from saeflow.configs import DEFAULT_K, ContextSettings
+from saeflow.configs import DEFAULT_BLOCK, DEFAULT_K, ContextSettings
 from saeflow.labels import DEFAULT_CONTEXTS, LabelsMixin, store_readable, write_strings
 from saeflow.lens import Unembedding
 from saeflow.lineage import (DEFAULT_MIN_COS, DEFAULT_NULL, DEFAULT_NULL_SAMPLES,
@@ -88,7 +88,7 @@ def _save_npy(folder: Path, name: str, arr: np.ndarray) -> None:
 
 
 def compute_atlas(suite, out_dir: str | Path, lm=None, *, k: int = DEFAULT_K,
-                  block: int = 4096, precision: str = "auto",
+                  block: int = DEFAULT_BLOCK, precision: str = "auto",
                   null_samples: int = DEFAULT_NULL_SAMPLES, quantile: float = DEFAULT_QUANTILE,
                   thresholds=None, labels: bool = True, label_tokens: int = 6, seed: int = 0,
                   progress: bool = True, null: str = DEFAULT_NULL,
