@@ -96,7 +96,8 @@ def free_port() -> int:
 
 
 def start(atlas: Path, name: str, code: Path) -> tuple[subprocess.Popen, str]:
-    """``saeflow view`` from the package under ``code``, once its search index is built."""
+    """``saeflow view`` from the package under ``code``, once its search index is built and
+    its labels are read (servers that read no labels at start say nothing about them)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "saeflow.cli", "view", str(atlas),
                              "--port", str(port), "--no-steering"], cwd=code, env=_env(code),
@@ -109,8 +110,10 @@ def start(atlas: Path, name: str, code: Path) -> tuple[subprocess.Popen, str]:
             raise RuntimeError(f"the {name} viewer exited: {err[-2000:]}")
         try:
             status = json.loads(urllib.request.urlopen(url + "/api/status", timeout=2).read())
-            if status["index"]["ready"]:  # measure the steady state, not the start-up indexing
-                print(f"bench: {name} ready (search index built) in {time.time() - t0:.1f} s")
+            index = status["index"]  # measure the steady state, not the start-up indexing
+            if index["ready"] and index.get("labels_ready", True):
+                print(f"bench: {name} ready (search index built, labels read) in "
+                      f"{time.time() - t0:.1f} s")
                 return proc, url
         except (urllib.error.URLError, OSError):
             pass

@@ -20,10 +20,14 @@ admits links below the null.
 Edges point from the earlier site to the later one and carry the cosine; each node carries its
 lineage class (None for mlp/att nodes: classes are defined for residual features), its label,
 and as score the cosine of the edge that brought it into the graph (1.0 for the seed).
+The walk reads the atlas through a ``FlowIndex``: the top-1 links copied into RAM per layer and
+the children indexed once (``Atlas.children`` scans a whole layer per call); its answers are
+those of ``Atlas.predecessors``/``successors``/``children``, so the graphs are the same.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from saeflow.sites import Feature, Site
@@ -119,51 +123,148 @@ class FlowGraph:
         return g
 
 
+class FlowIndex:
+    """The links ``trace`` follows, in RAM: per layer, column 0 (the top-1 match) of the
+    atlas's ``pred_*`` and ``succ_*`` columns, and the children of each residual feature as a
+    CSR index (the features of R_{L+1} grouped by their top-1 R_L predecessor, in index
+    order). A node is a (site number, index) pair; Feature objects are made once per graph
+    node. Layers are read on first use (threads that race read the same arrays). A one-off
+    ``trace`` builds its own; a viewer keeps one for all its traces (the atlas does not
+    change). ``label`` gives a Feature's label (default ``atlas.label``)."""
+
+    def __init__(self, atlas, label: Callable[[Feature], str] | None = None):
+        self.atlas = atlas
+        self.label = atlas.label if label is None else label
+        self.sites: list[Site] = list(atlas.sites)
+        self.number = {s: i for i, s in enumerate(self.sites)}
+        self.ids = [str(s) for s in self.sites]
+        self._layers: dict[int, dict] = {}
+
+    def _layer(self, layer: int) -> dict:
+        got = self._layers.get(layer)
+        if got is None:
+            got = self._layers[layer] = self._read(layer)
+        return got
+
+    def _read(self, layer: int) -> dict:
+        import numpy as np
+
+        atlas = self.atlas
+        out: dict = {"pred": {}, "succ": {}, "children": None,
+                     "res": self.number.get(Site(layer, "res"))}
+        for kind, site in atlas.sources(layer).items():
+            for way in ("pred", "succ"):
+                idx, cos = (atlas.column(layer, f"{way}_{kind}_{c}") for c in ("idx", "cos"))
+                out[way][kind] = (self.number[site], np.array(idx[:, 0]), np.array(cos[:, 0]))
+        if "res" in out["pred"]:  # children: R_L's features by their top-1 predecessor
+            src, parent, cos = out["pred"]["res"]
+            width = atlas.widths[self.sites[src]]
+            ok = np.flatnonzero((parent >= 0) & (parent < width))
+            order = ok[np.argsort(parent[ok], kind="stable")]
+            off = np.zeros(width + 1, np.int64)
+            np.cumsum(np.bincount(parent[ok], minlength=width), out=off[1:])
+            out["children"] = (order, off, cos)
+        codes = atlas.lineage_codes(layer) if out["res"] is not None else None
+        out["lineage"] = (None if codes is None else
+                          (np.asarray(codes), tuple(atlas.class_names(layer))))
+        return out
+
+    def predecessor(self, node: tuple[int, int], kind: str):
+        """(node, cos) of a residual node's top-1 match in its ``kind`` source, or None."""
+        sid, i = node
+        got = self._layer(self.sites[sid].layer)["pred"].get(kind)
+        return None if got is None else ((got[0], got[1].item(i)), got[2].item(i))
+
+    def successor(self, node: tuple[int, int]):
+        """(node, cos) of the top-1 match in the next residual SAE (``Atlas.successors``)."""
+        sid, i = node
+        site = self.sites[sid]
+        lay = self._layer(site.layer + 1 if site.kind == "res" else site.layer)
+        got = lay["succ"].get("att" if site.kind == "att_z" else site.kind)
+        if got is None or got[0] != sid:
+            return None
+        return (lay["res"], got[1].item(i)), got[2].item(i)
+
+    def children(self, node: tuple[int, int]) -> list:
+        """(node, cos) of the features of R_{L+1} whose top-1 predecessor is this one."""
+        sid, i = node
+        site = self.sites[sid]
+        if site.kind != "res":
+            return []
+        lay = self._layer(site.layer + 1)
+        if lay["children"] is None or lay["pred"]["res"][0] != sid:
+            return []
+        order, off, cos = lay["children"]
+        js = order[off[i]:off[i + 1]]
+        return [((lay["res"], j), c) for j, c in zip(js.tolist(), cos[js].tolist())]
+
+    def lineage(self, node: tuple[int, int]) -> str | None:
+        sid, i = node
+        got = self._layer(self.sites[sid].layer)["lineage"]
+        return None if self.sites[sid].kind != "res" or got is None else got[1][got[0].item(i)]
+
+    def graph(self, seed: Feature, nodes: dict, edges: dict, settings: dict) -> FlowGraph:
+        """The FlowGraph of ``nodes`` ({node: score}) and ``edges`` ({(src, dst): cos})."""
+        feats = {n: self.sites[n[0]].feature(n[1]) for n in nodes}
+        order = sorted(nodes, key=lambda n: (feats[n].layer, _LANE[feats[n].kind], n[1]))
+        ids = {n: f"{self.ids[n[0]]}/{n[1]}" for n in nodes}
+        links = sorted(edges, key=lambda e: (feats[e[1]].layer, ids[e[0]], ids[e[1]]))
+        return FlowGraph(seed, [FlowNode(feats[n], self.lineage(n), self.label(feats[n]),
+                                         float(nodes[n])) for n in order],
+                         [FlowEdge(feats[s], feats[d], float(edges[s, d])) for s, d in links],
+                         settings)
+
+
 def trace(atlas, feature, res_threshold: float = RES_THRESHOLD,
           block_threshold: float = BLOCK_THRESHOLD, *,
           backward: bool = True, forward: bool = True, children: bool = True,
-          max_nodes: int = 1000, below_null: bool = False) -> FlowGraph:
-    """The pruned flow graph of ``feature`` (module docstring)."""
+          max_nodes: int = 1000, below_null: bool = False,
+          index: FlowIndex | None = None) -> FlowGraph:
+    """The pruned flow graph of ``feature`` (module docstring); ``index`` is a ``FlowIndex``
+    of ``atlas`` kept between traces (default: a new one)."""
     import warnings
 
     seed = atlas.feature(feature)
     for name, v in (("res_threshold", res_threshold), ("block_threshold", block_threshold)):
         if not -1.0 <= float(v) <= 1.0:
             raise ValueError(f"{name} is a cosine, between -1 and 1; got {v}")
+    ix = FlowIndex(atlas) if index is None else index
+    if ix.atlas is not atlas:
+        raise ValueError("trace: index is a FlowIndex of another atlas")
     cuts = (atlas.flow_cuts(res_threshold, block_threshold, below_null, warn=False)[0]
             if hasattr(atlas, "flow_cuts") else {})
 
     def cut(layer: int, kind: str) -> float:
         default = res_threshold if kind == "res" else block_threshold
         return cuts.get(layer, {}).get("att" if kind == "att_z" else kind, default)
-    nodes: dict[Feature, FlowNode] = {}
-    edges: dict[tuple[Feature, Feature], FlowEdge] = {}
+    nodes: dict[tuple[int, int], float] = {}  # (site number, index) -> score, in order added
+    edges: dict[tuple[tuple[int, int], tuple[int, int]], float] = {}
     truncated = False
 
-    def add_node(f: Feature, score: float) -> bool:
+    def add_node(n: tuple[int, int], score: float) -> bool:
         nonlocal truncated
-        if f in nodes:
+        if n in nodes:
             return False
         if len(nodes) >= max_nodes:
             truncated = True
             return False
-        lin = atlas.lineage(f) if f.kind == "res" else None
-        nodes[f] = FlowNode(f, lin, atlas.label(f), float(score))
+        nodes[n] = score
         return True
 
-    def add_edge(src: Feature, dst: Feature, cos: float) -> None:
+    def add_edge(src: tuple[int, int], dst: tuple[int, int], cos: float) -> None:
         if src in nodes and dst in nodes:
-            edges.setdefault((src, dst), FlowEdge(src, dst, float(cos)))
+            edges.setdefault((src, dst), cos)
 
-    def add_blocks(r: Feature) -> None:
-        preds = atlas.predecessors(r)
+    def add_blocks(r: tuple[int, int]) -> None:
+        layer = ix.sites[r[0]].layer
         for kind in ("mlp", "att"):
-            if kind in preds and preds[kind][1] >= cut(r.layer, kind):
-                add_node(preds[kind][0], preds[kind][1])
-                add_edge(preds[kind][0], r, preds[kind][1])
+            p = ix.predecessor(r, kind)
+            if p is not None and p[1] >= cut(layer, kind):
+                add_node(*p)
+                add_edge(p[0], r, p[1])
 
     def done() -> FlowGraph:
-        layers = sorted({f.layer for f in nodes})
+        layers = sorted({ix.sites[n[0]].layer for n in nodes})
         settings = {"res_threshold": res_threshold, "block_threshold": block_threshold,
                     "below_null": below_null, "children": children, "truncated": truncated,
                     "atlas": str(atlas.root), "model": atlas.model,
@@ -176,28 +277,23 @@ def trace(atlas, feature, res_threshold: float = RES_THRESHOLD,
                 warnings.warn(f"flow graph of {seed}: {'; '.join(notes)}", UserWarning,
                               stacklevel=3)
             settings["warnings"] = notes
-        order = sorted(nodes.values(), key=lambda n: (n.feature.layer, _LANE[n.feature.kind],
-                                                      n.feature.index))
-        links = sorted(edges.values(), key=lambda e: (e.target.layer, str(e.source),
-                                                      str(e.target)))
-        return FlowGraph(seed, order, links, settings)
+        return ix.graph(seed, nodes, edges, settings)
 
-    add_node(seed, 1.0)
-    start = seed
+    start = (ix.number[seed.site], seed.index)
+    add_node(start, 1.0)
     if seed.kind != "res":
-        succ = atlas.successors(seed, 1)
-        if not succ or succ[0][1] < cut(seed.layer, seed.kind):
+        succ = ix.successor(start)
+        if succ is None or succ[1] < cut(seed.layer, seed.kind):
             return done()
-        start, cos = succ[0]
-        add_node(start, cos)
-        add_edge(seed, start, cos)
-        backward = False
+        add_node(*succ)
+        add_edge(start, succ[0], succ[1])
+        start, backward = succ[0], False
     add_blocks(start)
     if backward:
         cur = start
         while True:
-            p = atlas.predecessors(cur).get("res")
-            if p is None or p[1] < cut(cur.layer, "res") or not add_node(*p):
+            p = ix.predecessor(cur, "res")
+            if p is None or p[1] < cut(ix.sites[cur[0]].layer, "res") or not add_node(*p):
                 break
             add_edge(p[0], cur, p[1])
             add_blocks(p[0])
@@ -206,10 +302,11 @@ def trace(atlas, feature, res_threshold: float = RES_THRESHOLD,
         frontier = [start]
         while frontier:
             f = frontier.pop()
-            t = cut(f.layer + 1, "res")
-            nxt = [s for s in atlas.successors(f, 1) if s[1] >= t]
+            t = cut(ix.sites[f[0]].layer + 1, "res")
+            succ = ix.successor(f)
+            nxt = [succ] if succ is not None and succ[1] >= t else []
             if children:
-                nxt += [c for c in atlas.children(f) if c[1] >= t]
+                nxt += [c for c in ix.children(f) if c[1] >= t]
             for g, cos in nxt:
                 if add_node(g, cos):
                     add_blocks(g)

@@ -351,6 +351,22 @@ def test_search_by_id_site_number_lineage_and_text(client, setup):
     assert hit["match"] == "label" or peak.lower() in hit["snippet"].lower()
 
 
+def test_labels_read_at_start_are_the_atlas_s(app, setup, monkeypatch):
+    from saeflow.viewer import data
+    atlas = setup[0]
+    view = app.extensions["saeflow.view"]
+    assert view._labels_ready.wait(60) and view.index_status()["labels_ready"]
+    assert set(view._site_labels) == set(atlas.sites)
+    every = [site.feature(i) for site in atlas.sites for i in range(atlas.widths[site])]
+    assert [view.label(f) for f in every] == [atlas.label(f) for f in every]
+    assert sum(bool(view.label(f)) for f in every) > len(every) // 2
+    monkeypatch.setattr(data, "PREFILL_LABELS", 10)  # larger atlases: labels read when asked
+    big = data.AtlasView(atlas, contexts=view.contexts)
+    big._prefill_labels()
+    assert not big._site_labels and [big.label(f) for f in every[:50]] == [
+        atlas.label(f) for f in every[:50]]
+
+
 def test_graph_carries_the_export_layout_and_the_library_defaults(client, setup):
     """The viewer draws where the SVG export draws, with the thresholds saeflow.flow sets."""
     from saeflow.flow import BLOCK_THRESHOLD, RES_THRESHOLD, trace

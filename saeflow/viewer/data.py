@@ -14,7 +14,10 @@ previous residual SAE has ``no_prev_*`` classes instead of ``newborn_*``/``unexp
 
 Speed: the atlas does not change while the viewer runs, so flow graphs, their encoded JSON
 (graph and layout), searches and share curves are computed once per key and kept in bounded
-caches (``_Memo``); concurrent requests for one key wait for one computation.
+caches (``_Memo``); concurrent requests for one key wait for one computation. Graphs are
+traced over one ``flow.FlowIndex`` (the top-1 links in RAM, children indexed), and every
+feature's label is read once, by the background thread, when the atlas has at most
+``PREFILL_LABELS`` features (else labels are cached as graphs and pages ask for them).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from saeflow.thresholds import _span
 
 MAX_HITS = 20_000
 MAX_GRAPH_NODES = 300  # default cap of a traced graph in the viewer (the API allows 1..1000)
+PREFILL_LABELS = 500_000  # atlases up to this many features get every label read at start
 MIME = {"json": ("application/json", "json"), "graphml": ("application/xml", "graphml"),
         "dot": ("text/vnd.graphviz", "dot"), "svg": ("image/svg+xml", "svg"),
         "png": ("image/png", "png"), "neuronpedia": ("application/json", "neuronpedia.json")}
@@ -168,6 +172,10 @@ class AtlasView:
         self._searches = _Memo(64)
         self._curves = _Memo(8)
         self._label_cache: dict[Feature, str] = {}
+        self._site_labels: dict[Site, list[str]] = {}  # every label of a site, read at start
+        self._labels_ready = threading.Event()
+        from saeflow.flow import FlowIndex
+        self.flow_index = FlowIndex(atlas, label=self.label)
         self._overview: dict | None = None
         self._chains = None  # PermutationChains, opened on first use (it imports torch)
         self._chain_args = (suite, permutations)
@@ -191,6 +199,9 @@ class AtlasView:
         return self.class_names[f.layer][int(self.atlas.lineage_codes(f.layer)[f.index])]
 
     def label(self, f: Feature) -> str:
+        labels = self._site_labels.get(f.site)
+        if labels is not None:
+            return labels[f.index]
         label = self._label_cache.get(f)
         if label is None:
             if len(self._label_cache) > 100_000:
@@ -269,7 +280,8 @@ class AtlasView:
         return self._label_blobs[site]
 
     def start_indexing(self) -> None:
-        """Read the label blobs and build the context index in a background thread."""
+        """Read the label blobs and build the context index in a background thread, then
+        read every feature's label (small atlases: ``PREFILL_LABELS``)."""
         def build():
             try:
                 for site in self.sites:
@@ -284,6 +296,10 @@ class AtlasView:
                         self._context_blobs[site] = _Blob.from_strings(contexts.peak_texts(site))
             finally:
                 self._context_ready.set()
+            try:
+                self._prefill_labels()
+            finally:
+                self._labels_ready.set()
         self._indexer = threading.Thread(target=build, name="saeflow-viewer-index", daemon=True)
         self._indexer.start()
 
@@ -293,9 +309,19 @@ class AtlasView:
         if self._indexer is not None:
             self._indexer.join(timeout=30)
 
+    def _prefill_labels(self) -> None:
+        if sum(self.widths.values()) > PREFILL_LABELS:
+            return
+        for site in self.sites:
+            if self._stop.is_set():
+                return
+            self._site_labels[site] = [self.atlas.label(site.feature(i))
+                                       for i in range(self.widths[site])]
+
     def index_status(self) -> dict:
         return {"contexts": self.contexts is not None, "ready": self._context_ready.is_set(),
-                "sites_indexed": len(self._context_blobs)}
+                "sites_indexed": len(self._context_blobs),
+                "labels_ready": self._labels_ready.is_set()}
 
     def _row(self, f: Feature, match: str | None = None, query: str = "") -> dict:
         snippet = None
@@ -487,7 +513,7 @@ class AtlasView:
 
         def make():
             g = trace(self.atlas, f, res_threshold, block_threshold, max_nodes=max_nodes,
-                      below_null=below_null)
+                      below_null=below_null, index=self.flow_index)
             return g, layout(g).to_json()
         key = (f, self._cuts(res_threshold, block_threshold, below_null), max_nodes, below_null)
         graph, lay = self._graphs.get(key, make)
@@ -503,8 +529,8 @@ class AtlasView:
         graph, lay = self._traced(f, res_threshold, block_threshold, max_nodes, below_null)
         data = graph.to_json()
         data["layout"] = lay  # the positions the SVG/PNG export uses
-        for n in data["nodes"]:
-            n["kind"] = Site.parse(n["site"]).kind
+        for n, node in zip(data["nodes"], graph.nodes):
+            n["kind"] = node.feature.kind
             n["score"] = _num(n["score"])
         for e in data["edges"]:
             e["cos"] = _num(e["cos"])
