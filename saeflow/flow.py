@@ -138,6 +138,7 @@ class FlowIndex:
         self.sites: list[Site] = list(atlas.sites)
         self.number = {s: i for i, s in enumerate(self.sites)}
         self.ids = [str(s) for s in self.sites]
+        self._order = [(s.layer, _LANE[s.kind]) for s in self.sites]  # drawing order of sites
         self._layers: dict[int, dict] = {}
 
     def _layer(self, layer: int) -> dict:
@@ -206,9 +207,10 @@ class FlowIndex:
     def graph(self, seed: Feature, nodes: dict, edges: dict, settings: dict) -> FlowGraph:
         """The FlowGraph of ``nodes`` ({node: score}) and ``edges`` ({(src, dst): cos})."""
         feats = {n: self.sites[n[0]].feature(n[1]) for n in nodes}
-        order = sorted(nodes, key=lambda n: (feats[n].layer, _LANE[feats[n].kind], n[1]))
+        site_order = self._order
+        order = sorted(nodes, key=lambda n: (*site_order[n[0]], n[1]))
         ids = {n: f"{self.ids[n[0]]}/{n[1]}" for n in nodes}
-        links = sorted(edges, key=lambda e: (feats[e[1]].layer, ids[e[0]], ids[e[1]]))
+        links = sorted(edges, key=lambda e: (site_order[e[1][0]][0], ids[e[0]], ids[e[1]]))
         return FlowGraph(seed, [FlowNode(feats[n], self.lineage(n), self.label(feats[n]),
                                          float(nodes[n])) for n in order],
                          [FlowEdge(feats[s], feats[d], float(edges[s, d])) for s, d in links],

@@ -167,7 +167,8 @@ class AtlasView:
         self._indexer: threading.Thread | None = None
         self._lock = threading.Lock()
         self._cut_keys: dict[tuple, tuple] = {}
-        self._graphs = _Memo(256)  # (FlowGraph, layout) per (feature, cuts, cap, below_null)
+        self._graphs = _Memo(256)  # FlowGraph per (feature, cuts, cap, below_null)
+        self._layouts = _Memo(256)  # its layout's JSON (the exports need none)
         self._graph_bytes = _Memo(256)  # the /api/graph answer, encoded
         self._searches = _Memo(64)
         self._curves = _Memo(8)
@@ -505,30 +506,28 @@ class AtlasView:
 
     def _traced(self, f: Feature, res_threshold: float, block_threshold: float, max_nodes: int,
                 below_null: bool):
-        """(graph with these thresholds in its settings, its layout's JSON); the tracing and
-        the layout are cached per cuts, so a slider that moves below a layer's threshold costs
-        no new trace."""
+        """(graph with these thresholds in its settings, its cache key); the tracing is cached
+        per cuts, so a slider that moves below a layer's threshold costs no new trace."""
         from saeflow.flow import FlowGraph, trace
-        from saeflow.layout import layout
 
-        def make():
-            g = trace(self.atlas, f, res_threshold, block_threshold, max_nodes=max_nodes,
-                      below_null=below_null, index=self.flow_index)
-            return g, layout(g).to_json()
         key = (f, self._cuts(res_threshold, block_threshold, below_null), max_nodes, below_null)
-        graph, lay = self._graphs.get(key, make)
+        graph = self._graphs.get(key, lambda: trace(
+            self.atlas, f, res_threshold, block_threshold, max_nodes=max_nodes,
+            below_null=below_null, index=self.flow_index))
         if (graph.settings["res_threshold"], graph.settings["block_threshold"]) != (
                 res_threshold, block_threshold):
             graph = FlowGraph(graph.seed, graph.nodes, graph.edges,
                               {**graph.settings, "res_threshold": res_threshold,
                                "block_threshold": block_threshold})
-        return graph, lay
+        return graph, key
 
     def graph_json(self, f: Feature, res_threshold: float, block_threshold: float,
                    max_nodes: int = MAX_GRAPH_NODES, below_null: bool = False) -> dict:
-        graph, lay = self._traced(f, res_threshold, block_threshold, max_nodes, below_null)
+        from saeflow.layout import layout
+        graph, key = self._traced(f, res_threshold, block_threshold, max_nodes, below_null)
         data = graph.to_json()
-        data["layout"] = lay  # the positions the SVG/PNG export uses
+        # the positions the SVG/PNG export uses (the same for every threshold of one trace)
+        data["layout"] = self._layouts.get(key, lambda: layout(graph).to_json())
         for n, node in zip(data["nodes"], graph.nodes):
             n["kind"] = node.feature.kind
             n["score"] = _num(n["score"])
