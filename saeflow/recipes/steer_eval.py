@@ -4,8 +4,10 @@
 For each theme: its text, split in two disjoint halves (``saeflow.themes.split_theme``): the
 seed feature is chosen on one (``rank_features``, with the evidence of its specificity and
 relevance kept), the topic scorer is calibrated on the other. Then the seed's flow graph,
-magnitudes and calibrated scorers (``setup_theme`` -> ``ThemeSetup``), a resumable sweep of
-modes, layers and coefficients against unsteered and prompting baselines on the selection
+magnitudes and calibrated scorers (``setup_theme`` -> ``ThemeSetup``; its deterministic parts,
+the ranking's statistics, the magnitudes and both calibrations, are kept in the cache directory
+under their inputs, ``saeflow.memo``, so a re-run reads them), a resumable sweep of modes,
+layers and coefficients against unsteered and prompting baselines on the selection
 prompts and seeds, and each mode's best cell again on the held-out report prompts and seeds
 (``saeflow.evaluate``). ``run_steer_eval`` returns a ``SteerEvalResult`` and writes per-theme
 ``results.json`` + ``scores.png`` and ``summary.csv``, ``summary.json``, ``overview.png``.
@@ -29,10 +31,12 @@ from saeflow.sites import Feature
 if TYPE_CHECKING:
     from saeflow.atlas import Atlas
     from saeflow.evaluate import CoherenceScorer, TopicScorer
+    from saeflow.memo import Memo
     from saeflow.models import LM
     from saeflow.suite import Suite
 
 
+MAGNITUDES_VERSION = 1  # bumped when the stored magnitudes mean something else (memo keys)
 MAGNITUDE_UNITS = {"res_norm": " (fraction of residual norm)",
                    "activation": " (x typical activation)", "theta": " (x threshold)",
                    "none": " (x decoder row)"}
@@ -126,18 +130,45 @@ def auto_layers(graph: FlowGraph) -> list[int]:
     return sorted(x for x in picks if x in layers) or [seed]
 
 
+def setup_memo() -> Memo:
+    """Where the theme setups' deterministic parts are kept (``saeflow.memo``): the cache
+    directory's ``theme-setup`` folder."""
+    from saeflow.io import cache_dir
+    from saeflow.memo import Memo
+    return Memo(cache_dir() / "theme-setup")
+
+
+def stored_magnitudes(memo: Memo | None, lm: LM, suite: Suite, features: Sequence[Feature],
+                      how: str, texts: Sequence[str]) -> dict[Feature, float]:
+    """``feature_magnitudes``, with ``memo`` stored under the model's fingerprint, those of the
+    features' SAEs, the features, the kind and the texts."""
+    from saeflow.memo import model_fingerprint, sae_fingerprint, texts_digest
+    from saeflow.steer import feature_magnitudes
+    if memo is None:
+        return feature_magnitudes(lm, suite, features, how, texts)
+    feats = sorted({Feature.parse(f) for f in features})
+    got = memo("magnitudes", {
+        "version": MAGNITUDES_VERSION, "model": model_fingerprint(lm), "how": how,
+        "saes": {str(s): sae_fingerprint(suite[s]) for s in sorted({f.site for f in feats})},
+        "features": [str(f) for f in feats], "texts": texts_digest(texts)},
+        lambda: {str(f): v for f, v in feature_magnitudes(lm, suite, feats, how, texts).items()})
+    return {Feature.parse(f): v for f, v in got.items()}
+
+
 def setup_theme(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, description: str,
-                embed,
-                log: Log = print) -> ThemeSetup:
-    """Theme text, seed feature, flow graph, magnitudes and calibrated scorers for a theme."""
+                embed, log: Log = print, memo: Memo | None = None) -> ThemeSetup:
+    """Theme text, seed feature, flow graph, magnitudes and calibrated scorers for a theme;
+    ``memo`` keeps the ranking's statistics, the magnitudes and the calibrations (a re-run
+    computes none of them again while their inputs are unchanged)."""
     from saeflow.evaluate import calibrate_coherence, calibrate_topic
-    from saeflow.steer import feature_magnitudes, graph_features
+    from saeflow.steer import graph_features
     from saeflow.themes import build_theme, rank_features, split_theme
     opts = cfg.plan
     theme = build_theme(description, read_examples(opts.examples), source=opts.source,
                         n_theme=cfg.n_theme, n_background=cfg.n_background, embed=embed)
     seed_half, topic_half = split_theme(theme)
-    ranked = rank_features(lm, suite, seed_half, site=opts.site, top=5, atlas=atlas, embed=embed)
+    ranked = rank_features(lm, suite, seed_half, site=opts.site, top=5, atlas=atlas, embed=embed,
+                           memo=memo)
     seed = Feature.parse(cfg.feature) if cfg.feature else ranked[0].feature
     log(f"seed candidates ({len(seed_half.texts)} theme vs {len(seed_half.background)} "
         "background paragraphs; topic is calibrated on the other half):")
@@ -147,11 +178,11 @@ def setup_theme(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, descri
             f"{', '.join(r.fires_on)}")
     graph = trace_graph(opts, atlas, seed, log)
     feats = graph_features(graph)
-    mags = (feature_magnitudes(lm, suite, feats, opts.magnitude, seed_half.background[:32])
+    mags = (stored_magnitudes(memo, lm, suite, feats, opts.magnitude, seed_half.background[:32])
             if opts.action == "activate" else None)
     topic = calibrate_topic(topic_half.texts, topic_half.background, embed,
-                            description=description)
-    coherence = calibrate_coherence(lm, topic_half.background, cfg.max_new_tokens)
+                            description=description, memo=memo)
+    coherence = calibrate_coherence(lm, topic_half.background, cfg.max_new_tokens, memo=memo)
     layers = auto_layers(graph) if cfg.layers is None else list(cfg.layers)
     have = sorted({f.layer for f in feats})
     if any(layer not in have for layer in layers):
@@ -183,18 +214,20 @@ def make_judge(cfg: SteerEvalConfig, theme: str):
 
 
 def run_steer_eval(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, embed=None,
-                   log: Log = print, loader=None) -> SteerEvalResult:
+                   log: Log = print, loader=None, memo: Memo | None = None) -> SteerEvalResult:
     """Run (or resume) the sweep of every theme; write per-theme ``results.json`` and
     ``scores.png``, and ``summary.csv``, ``summary.json`` and ``overview.png`` in ``out``.
     With ``cfg.ray`` the cells are generated on Ray workers, which open the model and suite
     with ``loader`` (``distribute.SuiteLoader``; default: ship ``lm`` and ``suite``); the
-    theme setup, the scoring and the files stay here."""
+    theme setup, the scoring and the files stay here. The theme setups are kept in ``memo``
+    (default ``setup_memo()``)."""
     from saeflow import plots
     from saeflow.evaluate import compare_modes, run_heldout, run_sweep
     from saeflow.io import write_json_atomic
     from saeflow.themes import sentence_embedder
     out = Path(cfg.out)
     embed = embed or sentence_embedder()
+    memo = memo or setup_memo()
     fan_out = None
     if cfg.ray is not None:
         from saeflow.recipes.distribute import Given, Pool
@@ -202,7 +235,7 @@ def run_steer_eval(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, emb
     runs, rows = [], []
     for description in cfg.themes:
         log(f"\n== {description}")
-        setup = setup_theme(cfg, suite, lm, atlas, description, embed, log)
+        setup = setup_theme(cfg, suite, lm, atlas, description, embed, log, memo)
         log(f"seed {setup.info['seed']} ({setup.info['seed_label']}); sweeping layers "
             f"{setup.layers}")
         folder = out / slug(description)
@@ -219,6 +252,8 @@ def run_steer_eval(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, emb
         rows += [r.row() for r in results + heldout]
         runs.append(ThemeRun(description, folder, setup, results,
                              compare_modes(results, heldout), heldout))
+    log(f"theme setups: {sum(memo.hits.values())} stored parts read, "
+        f"{sum(memo.misses.values())} computed ({memo.folder})")
     result = SteerEvalResult(out, runs, rows)
     write_csv(out / "summary.csv", rows)
     write_json_atomic(out / "summary.json", {"rows": rows, "comparison": result.comparison})
