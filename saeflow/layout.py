@@ -72,13 +72,40 @@ def crossings(graph: FlowGraph, positions: dict[Feature, tuple[float, float]]) -
     return n
 
 
+def _crossing_pairs(x: list[float], src: list[int], tgt: list[int]) -> tuple[np.ndarray, ...]:
+    """For every pair of edges between the same two columns, the ids of both ends of both (four
+    arrays over the pairs), so a crossing count is one numpy comparison."""
+    groups: dict[tuple[float, float], list[int]] = {}
+    for e, (s, t) in enumerate(zip(src, tgt)):
+        groups.setdefault((x[s], x[t]), []).append(e)
+    first, second = [], []
+    for es in groups.values():
+        if len(es) > 1:
+            i, j = np.triu_indices(len(es), 1)
+            g = np.asarray(es, dtype=np.intp)
+            first.append(g[i])
+            second.append(g[j])
+    if not first:
+        return tuple(np.zeros(0, dtype=np.intp) for _ in range(4))
+    a, b = np.concatenate(first), np.concatenate(second)
+    s_ids, t_ids = np.asarray(src, dtype=np.intp), np.asarray(tgt, dtype=np.intp)
+    return s_ids[a], t_ids[a], s_ids[b], t_ids[b]
+
+
 def layout(graph: FlowGraph, sweeps: int = SWEEPS) -> Layout:
-    """Positions of every node of ``graph`` (module docstring)."""
+    """Positions of every node of ``graph`` (module docstring). Nodes are numbered once; the
+    sweeps and crossing counts run on those ids (``crossings`` counts the same pairs)."""
     layers = graph.layers
     col = {layer: i for i, layer in enumerate(layers)}
-    cells: dict[tuple[int, str], list[Feature]] = {}
-    for n in graph.nodes:
-        cells.setdefault((n.feature.layer, lane_of(n.feature)), []).append(n.feature)
+    feats = graph.features
+    ids = {f: i for i, f in enumerate(feats)}
+    if len(ids) != len(feats):
+        dup = next(f for i, f in enumerate(feats) if ids[f] != i)
+        raise ValueError(f"layout: node {dup} appears more than once in the graph")
+    index = [f.index for f in feats]
+    cells: dict[tuple[int, str], list[int]] = {}
+    for i, f in enumerate(feats):
+        cells.setdefault((f.layer, lane_of(f)), []).append(i)
     lanes = [k for k in LANES if any(key[1] == k for key in cells)]
     rows = {k: max(len(v) for key, v in cells.items() if key[1] == k) for k in lanes}
     top, y = {}, 0.0
@@ -86,44 +113,63 @@ def layout(graph: FlowGraph, sweeps: int = SWEEPS) -> Layout:
         top[k] = y
         y += rows[k] + LANE_GAP
     height = max(y - LANE_GAP, 1.0)
-    preds: dict[Feature, list[Feature]] = {f: [] for f in graph.features}
-    succs: dict[Feature, list[Feature]] = {f: [] for f in graph.features}
-    for e in graph.edges:
-        preds[e.target].append(e.source)
-        succs[e.source].append(e.target)
+    same = {id(f): i for i, f in enumerate(feats)}  # traced edges hold the nodes' own objects
 
-    def place_cell(pos: dict, key: tuple[int, str]) -> dict[Feature, tuple[float, float]]:
-        (layer, k), fs = key, cells[key]
-        off = (rows[k] - len(fs)) / 2
-        for i, f in enumerate(fs):
-            pos[f] = (col[layer] + OFFSET[k], top[k] + off + i + 0.5)
-        return pos
+    def node_id(f: Feature) -> int:
+        i = same.get(id(f))
+        if i is None:  # an equal Feature, not the same object: hash it
+            i = ids.get(f)
+            if i is None:
+                raise ValueError(f"layout: an edge ends at {f}, which is not a node")
+        return i
+    src = [node_id(e.source) for e in graph.edges]
+    tgt = [node_id(e.target) for e in graph.edges]
+    preds: dict[int, list[int]] = {}  # only nodes that have some
+    succs: dict[int, list[int]] = {}
+    for s, t in zip(src, tgt):
+        preds.setdefault(t, []).append(s)
+        succs.setdefault(s, []).append(t)
+    xs = {key: col[key[0]] + OFFSET[key[1]] for key in cells}
+    x = [0.0] * len(feats)
+    for key, members in cells.items():
+        for i in members:
+            x[i] = xs[key]
+    pos_y = [0.0] * len(feats)
+    s0, t0, s1, t1 = _crossing_pairs(x, src, tgt)
 
-    def place() -> dict[Feature, tuple[float, float]]:
-        pos: dict[Feature, tuple[float, float]] = {}
-        for key in cells:
-            place_cell(pos, key)
-        return pos
+    def place_cell(key: tuple[int, str]) -> None:
+        members = cells[key]
+        base = top[key[1]] + (rows[key[1]] - len(members)) / 2
+        for j, i in enumerate(members):
+            pos_y[i] = base + j + 0.5
 
+    def count() -> int:
+        yy = np.asarray(pos_y)
+        return int(np.count_nonzero((yy[s0] - yy[s1]) * (yy[t0] - yy[t1]) < 0))
+
+    seed = ids.get(graph.seed, -1)
     for key in cells:  # start: the seed first, then by index
-        cells[key].sort(key=lambda f: (f != graph.seed, f.index))
-    pos = place()
-    best = (crossings(graph, pos), {k: list(v) for k, v in cells.items()})
+        cells[key].sort(key=lambda i: (i != seed, index[i]))
+        place_cell(key)
+    best = (count(), {k: list(v) for k, v in cells.items()})
     order = sorted(cells, key=lambda key: (key[0], LANES.index(key[1])))
     for sweep in range(2 * sweeps):
         forward = sweep % 2 == 0
+        nbrs = preds if forward else succs
         for key in (order if forward else order[::-1]):
-            nbrs = preds if forward else succs
-
-            def bary(f: Feature) -> tuple[float, int]:
-                ys = [pos[g][1] for g in nbrs[f]]
-                return (sum(ys) / len(ys) if ys else pos[f][1]), f.index
-            cells[key].sort(key=bary)
-            place_cell(pos, key)  # only this cell moved
-        n = crossings(graph, pos)
+            members = cells[key]
+            keys = {i: ((sum([pos_y[g] for g in nbrs[i]]) / len(nbrs[i]) if i in nbrs
+                         else pos_y[i]), index[i]) for i in members}
+            members.sort(key=keys.__getitem__)
+            place_cell(key)  # only this cell moved
+        n = count()
         if n < best[0]:  # keep the best ordering seen (a sweep can also make things worse)
             best = (n, {k: list(v) for k, v in cells.items()})
     cells = best[1]
-    pos = place()
+    pos: dict[Feature, tuple[float, float]] = {}
+    for key in cells:
+        place_cell(key)
+        for i in cells[key]:
+            pos[feats[i]] = (x[i], pos_y[i])
     return Layout(pos, layers, [(k, top[k], rows[k]) for k in lanes], float(len(layers)),
                   height)
