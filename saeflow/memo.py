@@ -7,7 +7,7 @@ and the version of the code that computes it. The file is ``FOLDER/KIND/HASH.pt`
 of the key), it holds the key beside the value and is used only when that key matches, so
 changing any input computes the value again under a new name. Values are what
 ``torch.load(weights_only=True)`` reads back bit for bit: tensors, floats, ints, strings and
-lists or dicts of them. Files are written atomically (``saeflow.io.atomic_path``); a file
+lists or dicts of them. Files are written atomically (``saeflow.io.save_checkpoint``); a file
 that cannot be read is computed again and replaced.
 
 Fingerprints: ``model_fingerprint`` hashes the weights and buffers' bytes, the config, the
@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from saeflow.io import atomic_path
+from saeflow.io import save_checkpoint
 
 T = TypeVar("T")
 _PRINTS: dict[int, tuple[weakref.ref, tuple, str]] = {}
@@ -132,7 +132,6 @@ class Memo:
                 self.hits[kind] = self.hits.get(kind, 0) + 1
                 return stored["value"]
         value = compute()
-        with atomic_path(path) as tmp:
-            torch.save({"key": key, "value": value}, tmp)
+        save_checkpoint(path, {"key": key, "value": value})
         self.misses[kind] = self.misses.get(kind, 0) + 1
         return value
