@@ -8,13 +8,14 @@ Part 1 measures this CPU's bf16 and fp32 GEMM peak on the encoder's own shape an
 implies (the encoder's dense ``[B, d] x [d, F]`` product, 2 d F FLOP per row, at the bf16 peak),
 then trains one SAE on the same synthetic batches with: (a) the textbook implementation (dense
 fp32 encoder and decoder, top-k scattered into a dense code, autograd, torch Adam); (b) saeflow's
-sparse kernels with glibc's default allocator, what training ran before (every weight-sized
-temporary is a fresh mmap, so each step pays page faults); (c) the same kernels with
-``tune_malloc`` (the new path), at the model-batch size and at the starter's SAE-step size.
-Each row gives rows/s and the share of the floor. Part 2 (``--suite``) runs ``train_suite`` on
-every SmolLM2 site for a few forwards with the old recipe (one 1,024-row step per 1,024-token
-forward) and the starter's (2,048-token forwards, small SAE steps, tokens reused), beside
-the hooked model forward alone. Throughput on a shared machine moves with the load: compare the
+sparse kernels in torch with glibc's default allocator, what training first ran (every
+weight-sized temporary is a fresh mmap, so each step pays page faults); (c) the same with
+``tune_malloc`` (today's torch kernels); (d) the compiled step of ``saeflow.kernels`` (numba: a
+radix top-k and one fused sparse backward), (c) and (d) at the model-batch size and at the
+starter's SAE-step size. Each row gives rows/s and the share of the floor. Part 2 (``--suite``)
+runs ``train_suite`` on every SmolLM2 site for a few forwards with the old recipe (one
+1,024-row step per 1,024-token forward) and the starter's (2,048-token forwards, small SAE
+steps, tokens reused) on both kernels, beside the hooked model forward alone. Throughput on a shared machine moves with the load: compare the
 ratios within one run; CPU-seconds per 1k tokens are less sensitive to other jobs than wall time.
 """
 
@@ -109,8 +110,8 @@ def bench_kernels(args) -> None:
     dense = DenseTopK(d, F, k)
     rows.append(("textbook dense autograd (fp32)", *time_steps(dense.step, batches)))
 
-    def sparse(name, rows_per_step):
-        t = TopKTrainer(d, F, k, k_aux=2 * k, matmul_dtype=torch.bfloat16)
+    def sparse(name, rows_per_step, kernels="torch"):
+        t = TopKTrainer(d, F, k, k_aux=2 * k, matmul_dtype=torch.bfloat16, kernels=kernels)
         t.scale = 1.0
         t.max_norm = float("inf")
         mb = [x[i:i + rows_per_step] for x in batches for i in range(0, B, rows_per_step)]
@@ -119,11 +120,18 @@ def bench_kernels(args) -> None:
     default_malloc()
     sparse("sparse kernels, default malloc (old)", B)
     tune_malloc()
-    sparse("sparse kernels, tuned malloc (new)", B)
+    sparse("torch sparse kernels, tuned malloc (today)", B)
+    from saeflow import kernels
     from saeflow.train import STARTER_CONFIG
-    if B > STARTER_CONFIG.sae_batch:
-        sparse(f"  the same, {STARTER_CONFIG.sae_batch}-row steps (starter)",
-               STARTER_CONFIG.sae_batch)
+    small = STARTER_CONFIG.sae_batch
+    if B > small:
+        sparse(f"  the same, {small}-row steps (starter)", small)
+    if kernels.available():
+        sparse("compiled step, numba (new)", B, "numba")
+        if B > small:
+            sparse(f"  the same, {small}-row steps (starter)", small, "numba")
+    else:
+        print("(numba is not installed: no compiled-step rows)")
     base = rows[0][1]
     print(f"{'implementation':40s} {'rows/s':>10} {'% floor':>8} {'vs textbook':>12} "
           f"{'last loss':>10}")
@@ -157,7 +165,8 @@ def bench_suite(args) -> None:
     sites = parse_sites(args.sites, lm.n_layers)
     new = dataclasses.replace(train.STARTER_CONFIG, tokens=args.suite_tokens, eval_tokens=0,
                               checkpoint_every=10**9, seed_sites="")
-    old = train.TrainConfig(tokens=args.suite_tokens, eval_tokens=0, checkpoint_every=10**9)
+    old = train.TrainConfig(tokens=args.suite_tokens, eval_tokens=0, checkpoint_every=10**9,
+                            kernels="torch")
     ids = torch.randint(100, 40_000, (old.seqs_per_batch, old.seq_len))
     taps = SiteTaps(lm, sites)
     prev = torch.get_num_threads()
@@ -177,8 +186,13 @@ def bench_suite(args) -> None:
     finally:
         train.tune_malloc = real_tune
     runs.append(_suite_run(lm, sites, old, "old recipe, tuned malloc"))
-    runs.append(_suite_run(lm, sites, new, f"starter recipe ({new.reuse:g}x reuse, "
-                                           f"{new.sae_batch}-row steps)"))
+    starter = f"starter recipe ({new.reuse:g}x reuse, {new.sae_batch}-row steps)"
+    runs.append(_suite_run(lm, sites, dataclasses.replace(new, kernels="torch"),
+                           f"{starter}, torch"))
+    from saeflow import kernels
+    if kernels.available():
+        runs.append(_suite_run(lm, sites, dataclasses.replace(new, kernels="numba"),
+                               f"{starter}, compiled"))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_fwd = 3 * ids.numel()
     print(f"\nWhole-suite runs: {len(sites)} sites, {args.suite_tokens:,} tokens, width "
@@ -193,10 +207,14 @@ def bench_suite(args) -> None:
         base = base or tokens / train_wall
         print(f"{label:44s} {tokens / train_wall:7.0f} {rows / train_wall:8.0f} "
               f"{1000 * cpu / tokens:13.2f} {steps:6d} {tokens / train_wall / base:8.2f}x")
-    cpu_1k = 1000 * runs[-1][2] / runs[-1][1]
-    full = train.STARTER_CONFIG.tokens / 1000 * cpu_1k * 90 / len(sites)
-    print(f"starter suite ({train.STARTER_CONFIG.tokens:,} tokens, 90 sites) needs about "
-          f"{full:.0f} CPU-seconds: {full / 2 / 60:.1f} min on 2 free cores")
+    for label, tokens, cpu, *_ in runs[2:]:
+        full = train.STARTER_CONFIG.tokens * cpu / tokens * 90 / len(sites)
+        print(f"{label.split(', ')[-1]}: the starter suite ({train.STARTER_CONFIG.tokens:,} "
+              f"tokens, 90 sites) needs about {full:.0f} CPU-seconds: {full / 2 / 60:.1f} min "
+              f"on 2 free cores")
+    if len(runs) == 4:
+        print(f"compiled against torch, starter recipe: {runs[2][2] / runs[3][2]:.2f}x less CPU, "
+              f"{runs[2][3] / runs[3][3]:.2f}x less wall time")
 
 
 def main() -> None:

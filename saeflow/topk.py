@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saeflow import kernels as compiled
 from saeflow.compute import bf16_is_fast as bf16_matmul_is_fast  # noqa: F401  (train uses it)
 from saeflow.tokens import norm_limit, usable_tokens
 
@@ -265,9 +266,10 @@ class TopKTrainer:
     def __init__(self, d: int, width: int, k: int, *, k_aux: int = 64, aux_coef: float = 1 / 32,
                  dead_tokens: int = 20_000, outlier_factor: float = 10.0, seed: int = 0,
                  matmul_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                 buffer_rows: int = 0):
+                 buffer_rows: int = 0, kernels: str = "auto"):
         if not 0 < k <= width:
             raise ValueError(f"need 0 < k <= width, got k={k}, width={width}")
+        self.compiled = compiled.use_compiled(kernels, device)
         self.d, self.width, self.k, self.k_aux, self.aux_coef = d, width, k, k_aux, aux_coef
         self.dead_tokens, self.outlier_factor = dead_tokens, outlier_factor
         self.matmul_dtype, self.seed = matmul_dtype, seed
@@ -279,7 +281,7 @@ class TopKTrainer:
         self.max_norm: float | None = None
         self.since_fired_F = torch.zeros(width, dtype=torch.long, device=self.device)
         self.buffer = RowBuffer(buffer_rows, d, seed=seed + 1) if buffer_rows > 0 else None
-        self._grad_bufs: tuple[Tensor, Tensor] | None = None  # reused weight-gradient storage
+        self._grad_bufs: tuple[Tensor, ...] | None = None  # reused gradient storage
         self.tokens = 0  # rows trained on, counted once per use
         self.steps = 0
 
@@ -318,21 +320,41 @@ class TopKTrainer:
 
     @torch.no_grad()
     def step(self, x_ND: Tensor, lr: float) -> StepOut:
+        if self.compiled:
+            return self._compiled_step(x_ND, lr)
         p = self.params
         W_low = p.W_enc_FD.to(self.matmul_dtype) if self.matmul_dtype != torch.float32 else None
         if self._grad_bufs is None:
             self._grad_bufs = (torch.empty_like(p.W_enc_FD), torch.empty_like(p.W_dec_FD))
         out, grads = topk_step(x_ND, p, self.k, self.dead_mask(), self.k_aux, self.aux_coef,
                                self.matmul_dtype, W_low, self._grad_bufs)
+        project_decoder_grad(p.W_dec_FD, grads.W_dec_FD)
+        self._adam(lr, grads)
+        return self._count(x_ND, out)
+
+    def _compiled_step(self, x_ND: Tensor, lr: float) -> StepOut:
+        """``step`` on ``saeflow.kernels`` (the decoder gradient comes already projected)."""
+        p = self.params
+        if self._grad_bufs is None:
+            self._grad_bufs = tuple(torch.empty_like(t) for t in p)
+        pre = encode_pre(x_ND - p.b_dec_D, p.W_enc_FD, p.b_enc_F, self.matmul_dtype)
+        loss, aux, idx, acts = compiled.train_step(x_ND, p, pre, self.k, self.dead_mask(),
+                                                   self.k_aux, self.aux_coef, self._grad_bufs)
+        self._adam(lr, self._grad_bufs)
+        return self._count(x_ND, StepOut(loss, aux, idx, acts))
+
+    def _adam(self, lr: float, grads) -> None:
+        p = self.params
         for t, g in zip(p, grads):
             t.grad = g
-        project_decoder_grad(p.W_dec_FD, p.W_dec_FD.grad)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
         for t in p:
             t.grad = None
         normalize_rows_(p.W_dec_FD)
+
+    def _count(self, x_ND: Tensor, out: StepOut) -> StepOut:
         self.since_fired_F += x_ND.shape[0]
         self.since_fired_F.index_fill_(0, out.idx_BK[out.acts_BK > 0], 0)
         self.tokens += x_ND.shape[0]

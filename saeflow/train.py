@@ -99,7 +99,7 @@ def make_trainers(cfg: TrainConfig, sites: list[Site], d: int, device="cpu",
         return TopKTrainer(d, cfg.width, cfg.k, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef,
                            dead_tokens=cfg.dead_tokens, outlier_factor=cfg.outlier_factor,
                            seed=seed, matmul_dtype=matmul_dtype, device=device,
-                           buffer_rows=cfg.buffer_tokens)
+                           buffer_rows=cfg.buffer_tokens, kernels=cfg.kernels)
     out = {str(s): (s, make(cfg.seed * 100_003 + i)) for i, s in enumerate(sites)}
     extra = _seed_sites(cfg, sites, n_layers)
     for i, s in enumerate(extra):
@@ -218,7 +218,8 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
     bar.close()
     saes = _write_saes(lm, trainers, cfg, out_dir, spec)
     timing = {"elapsed": elapsed, "cpu": cpu,
-              "matmul_dtype": str(mm_dtype).replace("torch.", "")}
+              "matmul_dtype": str(mm_dtype).replace("torch.", ""),
+              "kernels": "numba" if next(iter(trainers.values()))[1].compiled else "torch"}
     write_json_atomic(out_dir / TRAINED, {"settings": _settings(cfg), **timing,
                                           "sites": [str(s) for s in sites]})
     ckpt.unlink(missing_ok=True)
@@ -306,6 +307,7 @@ def _finish(lm, saes: dict[Site, SAE], cfg: TrainConfig, out_dir: Path, model_sp
                          "cpu_seconds": round(cpu, 1),
                          "cpu_seconds_per_1k_tokens": round(1000 * cpu / max(tokens, 1), 2),
                          "encoder_matmul_dtype": timing.get("matmul_dtype"),
+                         "step_kernels": timing.get("kernels"),
                          "model_dtype": str(lm.dtype).replace("torch.", "")},
             "quality": quality.rows_to_json(rows), "quality_summary": quality.summarize(rows),
             "convergence": conv}

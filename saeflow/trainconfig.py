@@ -30,6 +30,7 @@ class TrainConfig:
     source: str = "default"
     seed: int = 0
     matmul: str = "auto"  # encoder matmul dtype: auto | bfloat16 | float32
+    kernels: str = "auto"  # SAE step: auto (compiled on the CPU when numba is there) | numba | torch
     workers: int = 2
     checkpoint_every: int = 100  # model forwards
     eval_tokens: int = 8192  # quality: tokens for FVU, L0, dead (0 skips the evaluation)
@@ -56,6 +57,8 @@ class TrainConfig:
                              "shuffle buffer (buffer_tokens > 0)")
         if self.matmul not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"matmul must be auto, bfloat16 or float32, got {self.matmul!r}")
+        if self.kernels not in ("auto", "numba", "torch"):
+            raise ValueError(f"kernels must be auto, numba or torch, got {self.kernels!r}")
 
     @property
     def seqs_per_batch(self) -> int:

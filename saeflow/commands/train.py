@@ -24,6 +24,8 @@ _OPTIONS = {
     "source": ("source", str, "text: default (Wikipedia + BBC), wiki, bbc, or a .txt file/folder"),
     "seed": ("seed", int, None),
     "workers": ("workers", int, "worker threads ({})"),
+    "kernels": ("kernels", str, "SAE step: auto (compiled when numba is installed and the "
+                "device is the CPU), numba, or torch ({})"),
     "checkpoint_every": ("checkpoint_every", int, "model forwards between checkpoints"),
     "eval_tokens": ("eval_tokens", int, "held-out tokens for the quality table (0 skips it; {})"),
 }

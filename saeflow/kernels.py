@@ -1,0 +1,355 @@
+"""Compiled CPU kernels (numba) for the TopK SAE training step of ``saeflow.topk``.
+
+``topk.topk_step`` in plain torch spends most of a CPU step outside the encoder product: top-k
+over the ``[B, F]`` pre-activations (more than the product itself at B = 1024), the decoder
+gather and its backward, two COO sparse products for the weight gradients, and the radial
+projection of the decoder gradient, each a separate pass over memory with its own dispatch.
+Here the same arithmetic runs as two compiled loops over the batch:
+
+  ``select``: per row, an exact top-k by a size-k min-heap over the bf16 (or fp32)
+      pre-activations, and the same for the AuxK selection among the dead latents. bf16 values
+      are compared as integers (a sign-magnitude bit pattern mapped to a monotone key), so the
+      ``[B, F]`` matrix is read once and never converted;
+  ``sparse_step``: reconstruction, both losses, and every gradient (``W_enc``, ``b_enc``,
+      ``W_dec`` with its radial part removed, ``b_dec``) written straight into the trainer's
+      reused buffers, visiting each chosen (row, latent) pair once.
+
+The loss and its gradients are those of the module docstring of ``saeflow.topk``: the same
+formulas, given the same selected latents; only the order of floating-point sums differs
+(tests compare both paths with autograd). Latents whose pre-activation is not positive are
+skipped: ``relu`` makes their contribution exactly zero. Every loop is single-threaded and
+fixed-order, so a step is deterministic (the resume test relies on it), and the kernels release
+the GIL, so ``train``'s worker threads run them side by side. Without numba, and on other
+devices, ``TopKTrainer`` runs the torch path (``kernels="torch"`` asks for it anywhere).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+
+
+def available() -> bool:
+    return numba is not None
+
+
+def use_compiled(kernels: str, device: str | torch.device) -> bool:
+    """Whether a trainer runs these kernels (``kernels``: "auto" = when numba is
+    installed and the device is the CPU, "numba" = required, "torch" = never)."""
+    cpu = torch.device(device).type == "cpu"
+    if kernels == "auto":
+        return cpu and available()
+    if kernels == "torch":
+        return False
+    if kernels != "numba":
+        raise ValueError(f"kernels must be 'auto', 'numba' or 'torch', got {kernels!r}")
+    if not (cpu and available()):
+        raise ValueError("kernels='numba' needs numba installed and device='cpu'")
+    return True
+
+
+if numba is not None:
+    _jit = numba.njit(nogil=True, cache=True, fastmath=True)
+    _jit_exact = numba.njit(nogil=True, cache=True)  # integer work and exact comparisons
+
+    @_jit_exact
+    def _kth_largest(keys, n, k, hist, buf):
+        """The exact ``k``-th largest of ``keys[:n]`` (int32, ``k <= n``) by radix selection
+        on byte digits of the unsigned order, most significant first; after each digit only
+        the entries that share the answer's digits so far are kept (in ``buf``)."""
+        for i in range(n):
+            buf[i] = np.int64(keys[i]) + 2147483648
+        m, need, prefix = n, k, np.int64(0)
+        for shift in (24, 16, 8, 0):
+            hist[:] = 0
+            for i in range(m):
+                hist[(buf[i] >> shift) & 255] += 1
+            below = 0
+            digit = 255
+            while below + hist[digit] < need:
+                below += hist[digit]
+                digit -= 1
+            need -= below
+            prefix |= np.int64(digit) << shift
+            kept = 0
+            for i in range(m):
+                if (buf[i] >> shift) & 255 == digit:
+                    buf[kept] = buf[i]
+                    kept += 1
+            m = kept
+        return np.int32(prefix - 2147483648)
+
+    @_jit_exact
+    def _row_topk(keys, k, out_keys, out_idx, work):
+        """The ``k`` largest of ``keys`` (int32 order keys) into ``out_keys``/``out_idx``.
+        Entries are split into 16 strided groups' worth of columns; the ``k``-th largest group
+        maximum is a lower bound of the answer's minimum (``k`` different groups hold an entry
+        that large), so a vectorised pass finds the maxima, the few entries at or above that
+        bound become candidates, and the exact threshold is a radix selection among them."""
+        gmax, cand_k, cand_i, hist, buf = work
+        n = keys.shape[0]
+        ng = (n + 15) // 16
+        full = n // ng  # rows of the [16, ng] layout with no hole
+        g = gmax[:ng]
+        g[:] = keys[:ng]
+        for t in range(1, full):
+            seg = keys[t * ng:(t + 1) * ng]
+            for j in range(ng):  # vectorised: contiguous, no dependence between j
+                if seg[j] > g[j]:
+                    g[j] = seg[j]
+        tail = keys[full * ng:]
+        for j in range(tail.shape[0]):
+            if tail[j] > g[j]:
+                g[j] = tail[j]
+        bound = _kth_largest(g, ng, k, hist, buf) if ng >= k else np.int32(-2147483648)
+        nc = 0
+        for j in range(ng):
+            if gmax[j] >= bound:
+                for i in range(j, n, ng):
+                    if keys[i] >= bound:
+                        cand_k[nc], cand_i[nc] = keys[i], i
+                        nc += 1
+        thr = _kth_largest(cand_k, nc, k, hist, buf)
+        m = 0
+        for c in range(nc):  # all above the threshold, then ties with it up to k
+            if cand_k[c] > thr:
+                out_keys[m], out_idx[m] = cand_k[c], cand_i[c]
+                m += 1
+        for c in range(nc):
+            if m < k and cand_k[c] == thr:
+                out_keys[m], out_idx[m] = cand_k[c], cand_i[c]
+                m += 1
+
+    @_jit_exact
+    def _select(pre, widen, k, dead, ka, out_bits, out_idx, aux_bits, aux_idx):
+        """Both selections for every row of ``pre`` (int16 bf16 bit patterns when ``widen``,
+        else fp32 bit patterns as int32). Order keys: a float's bits with the magnitude bits
+        flipped when negative (an involution), so comparing keys as int32 compares the floats;
+        they go back to float32 bit patterns the same way."""
+        B, F = pre.shape
+        keys = np.empty(F, np.int32)
+        gath = np.empty(max(dead.shape[0], 1), np.int32)
+        top_k, top_i = np.empty(max(k, ka), np.int32), np.empty(max(k, ka), np.int64)
+        work = (np.empty(F // 16 + 1, np.int32), np.empty(F, np.int32), np.empty(F, np.int64),
+                np.empty(256, np.int64), np.empty(F, np.int64))
+        for b in range(B):
+            row = pre[b]
+            if widen:
+                for f in range(F):
+                    s = np.int32(row[f]) << 16
+                    keys[f] = s ^ ((s >> 31) & 0x7FFFFFFF)
+            else:
+                for f in range(F):
+                    s = np.int32(row[f])
+                    keys[f] = s ^ ((s >> 31) & 0x7FFFFFFF)
+            _row_topk(keys, k, top_k, top_i, work)
+            for j in range(k):
+                s = top_k[j]
+                out_bits[b, j], out_idx[b, j] = s ^ ((s >> 31) & 0x7FFFFFFF), top_i[j]
+            if ka:
+                for t in range(dead.shape[0]):
+                    gath[t] = keys[dead[t]]
+                _row_topk(gath[:dead.shape[0]], ka, top_k, top_i, work)
+                for j in range(ka):
+                    s = top_k[j]
+                    aux_bits[b, j], aux_idx[b, j] = s ^ ((s >> 31) & 0x7FFFFFFF), dead[top_i[j]]
+
+    @_jit_exact
+    def _buckets(F, idx, vals):
+        """The (row, selection) pairs with a positive value, grouped by latent (a stable
+        counting sort): ``start[f]:start[f+1]`` indexes ``rows``/``acts`` of latent f."""
+        B, K = idx.shape
+        start = np.zeros(F + 1, np.int64)
+        for b in range(B):
+            for j in range(K):
+                if vals[b, j] > 0:
+                    start[idx[b, j] + 1] += 1
+        for f in range(F):
+            start[f + 1] += start[f]
+        fill = start[:F].copy()
+        rows, acts = np.empty(start[F], np.int64), np.empty(start[F], np.float32)
+        for b in range(B):
+            for j in range(K):
+                if vals[b, j] > 0:
+                    q = fill[idx[b, j]]
+                    rows[q], acts[q] = b, vals[b, j]
+                    fill[idx[b, j]] = q + 1
+        return start, rows, acts
+
+    @_jit
+    def _decode(W_dec, start, rows, acts, out):
+        """``out[b] += a * W_dec[f]`` for every pair (b, a) of latent f."""
+        D = W_dec.shape[1]
+        for f in range(W_dec.shape[0]):
+            w = W_dec[f]
+            for q in range(start[f], start[f + 1]):
+                o = out[rows[q]]
+                a = acts[q]
+                for d in range(D):
+                    o[d] += a * w[d]
+
+    @_jit
+    def _accumulate(w, start, stop, rows, acts, g_rows, xc, acc_dec, acc_enc):
+        """One latent's sums over its pairs: ``acc_dec += a g[b]``, ``acc_enc += c xc[b]`` with
+        ``c = w . g[b]``; returns the sum of ``c`` (the ``b_enc`` gradient)."""
+        D = w.shape[0]
+        gb = np.float32(0.0)
+        for q in range(start, stop):
+            g = g_rows[rows[q]]
+            xr = xc[rows[q]]
+            a = acts[q]
+            c = np.float32(0.0)
+            for d in range(D):  # one pass over g: the decoder backward and the decoder sum
+                c += w[d] * g[d]
+                acc_dec[d] += a * g[d]
+            for d in range(D):
+                acc_enc[d] += c * xr[d]
+            gb += c
+        return gb
+
+    @_jit
+    def _sum_sq(v):
+        tot = 0.0
+        for b in range(v.shape[0]):
+            for d in range(v.shape[1]):
+                tot += v[b, d] * v[b, d]
+        return tot
+
+    @_jit
+    def _centred_power(v):
+        """``mean_b ||v[b] - mean(v)||^2``, the normaliser of the loss."""
+        B, D = v.shape
+        mu = np.zeros(D, np.float64)
+        for b in range(B):
+            for d in range(D):
+                mu[d] += v[b, d]
+        tot = 0.0
+        for b in range(B):
+            for d in range(D):
+                c = v[b, d] - mu[d] / B
+                tot += c * c
+        return max(tot / B, 1e-12)
+
+    @_jit
+    def _sparse_step(x, b_dec, W_dec, W_enc, idx, vals, a_idx, a_vals, aux_coef,
+                     gW_enc, gb_enc, gW_dec, g_b_dec):
+        """Losses and gradients of one batch given its selections (module docstring); returns
+        ``(loss, aux)``. ``b_dec`` enters twice (``x_hat`` and ``x - b_dec``), hence its
+        ``- gb_enc @ W_enc`` term, summed over the latents that fired.
+        Two passes over the latents that fired, each reading its decoder row once: the first
+        decodes (``x_hat`` and the AuxK ``e_hat``), the second sums every weight gradient of
+        the latent locally and writes its rows once, the decoder's with its radial part
+        removed (the rows are unit; ``r = g . w``, ``g - r w``)."""
+        B, D = x.shape
+        F = W_dec.shape[0]
+        main = _buckets(F, idx, vals)
+        extra = _buckets(F, a_idx, a_vals)
+        x_hat = np.zeros_like(x)
+        _decode(W_dec, main[0], main[1], main[2], x_hat)
+        err = x_hat + b_dec - x
+        denom = _centred_power(x)
+        loss = _sum_sq(err) / (B * denom)
+        g_out = err * np.float32(2.0 / (B * denom))
+        for d in range(D):
+            g_b_dec[d] = 0
+        for b in range(B):
+            for d in range(D):
+                g_b_dec[d] += g_out[b, d]
+        aux = 0.0
+        g_aux = g_out  # not read when there is no AuxK pair
+        if a_idx.shape[1] > 0:
+            e_hat = np.zeros_like(x)
+            _decode(W_dec, extra[0], extra[1], extra[2], e_hat)
+            e = -err  # x - x_hat, a constant target
+            a_err = e_hat - e
+            e_denom = _centred_power(e)
+            aux = _sum_sq(a_err) / (B * e_denom)
+            g_aux = a_err * np.float32(2.0 * aux_coef / (B * e_denom))
+        xc = x - b_dec
+        acc_dec, acc_enc = np.empty(D, np.float32), np.empty(D, np.float32)
+        for f in range(F):
+            acc_dec[:] = 0
+            acc_enc[:] = 0
+            w = W_dec[f]
+            gb = _accumulate(w, main[0][f], main[0][f + 1], main[1], main[2], g_out, xc,
+                             acc_dec, acc_enc)
+            gb += _accumulate(w, extra[0][f], extra[0][f + 1], extra[1], extra[2], g_aux, xc,
+                              acc_dec, acc_enc)
+            r = np.float32(0.0)
+            for d in range(D):
+                r += acc_dec[d] * w[d]
+            for d in range(D):
+                gW_dec[f, d] = acc_dec[d] - r * w[d]
+                gW_enc[f, d] = acc_enc[d]
+            gb_enc[f] = gb
+            if gb != 0:
+                for d in range(D):
+                    g_b_dec[d] -= gb * W_enc[f, d]
+        return loss, aux
+
+
+def _np(t: Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.detach().numpy()
+
+
+def select(pre_BF: Tensor, k: int, dead_idx: Tensor | None = None, k_aux: int = 0
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Exact top ``k`` per row of ``pre_BF`` (bf16 or fp32, CPU), and top ``k_aux`` among the
+    columns ``dead_idx``: ``(vals_BK, idx_BK, aux_vals, aux_idx)``, values as float32, in no
+    particular order. Ties at the k-th value are broken arbitrarily (deterministically)."""
+    if numba is None:
+        raise RuntimeError("saeflow.kernels needs numba (pip install numba)")
+    B, F = pre_BF.shape
+    if not 0 < k <= F:
+        raise ValueError(f"need 0 < k <= {F}, got k={k}")
+    pre_BF = pre_BF.contiguous()
+    dead = (torch.empty(0, dtype=torch.long) if dead_idx is None else dead_idx.long()).contiguous()
+    ka = min(k_aux, dead.shape[0])
+    idx = torch.empty(B, k, dtype=torch.long)
+    a_idx = torch.empty(B, ka, dtype=torch.long)
+    if pre_BF.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"select takes bf16 or fp32 pre-activations, got {pre_BF.dtype}")
+    bits, a_bits = torch.empty(B, k, dtype=torch.int32), torch.empty(B, ka, dtype=torch.int32)
+    pre = pre_BF.view(torch.int16 if pre_BF.dtype == torch.bfloat16 else torch.int32).numpy()
+    _select(pre, pre_BF.dtype == torch.bfloat16, k, dead.numpy(), ka, bits.numpy(), idx.numpy(),
+            a_bits.numpy(), a_idx.numpy())
+    vals, a_vals = bits.view(torch.float32), a_bits.view(torch.float32)
+    return vals, idx, a_vals, a_idx
+
+
+def sparse_step(x_BD: Tensor, W_dec_FD: Tensor, W_enc_FD: Tensor, b_dec_D: Tensor,
+                idx_BK: Tensor, vals_BK: Tensor,
+                a_idx: Tensor, a_vals: Tensor, aux_coef: float,
+                grads: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[float, float]:
+    """Fill ``grads = (g_W_enc, g_b_enc, g_W_dec, g_b_dec)`` (fp32 CPU tensors, overwritten)
+    for the selections given; returns ``(loss, aux)``. The decoder gradient comes with its
+    radial part removed."""
+    g_W_enc, g_b_enc, g_W_dec, g_b_dec = grads
+    loss, aux = _sparse_step(_np(x_BD.contiguous()), _np(b_dec_D), _np(W_dec_FD), _np(W_enc_FD),
+                             _np(idx_BK),
+                             _np(vals_BK), _np(a_idx), _np(a_vals), float(aux_coef),
+                             _np(g_W_enc), _np(g_b_enc), _np(g_W_dec), _np(g_b_dec))
+    return float(loss), float(aux)
+
+
+def train_step(x_BD: Tensor, p, pre_BF: Tensor, k: int, dead_F: Tensor | None, k_aux: int,
+               aux_coef: float, grads: tuple[Tensor, Tensor, Tensor, Tensor]):
+    """``topk.topk_step`` on the compiled path, given the encoder's pre-activations ``pre_BF``
+    (``topk.encode_pre``): ``select`` and ``sparse_step``. ``p`` holds the parameters as
+    ``topk.TopKParams``; returns ``(loss, aux, idx_BK, acts_BK)`` and fills ``grads``
+    (``TopKParams``-shaped fp32 buffers), the decoder's already projected."""
+    dead_idx = None
+    if dead_F is not None and k_aux > 0 and aux_coef > 0:
+        dead_idx = dead_F.nonzero().squeeze(1)
+    vals, idx, a_vals, a_idx = select(pre_BF, k, dead_idx, k_aux)
+    loss, aux = sparse_step(x_BD, p.W_dec_FD, p.W_enc_FD, p.b_dec_D, idx, vals, a_idx, a_vals,
+                            aux_coef, grads)
+    return loss, aux, idx, vals.clamp_min(0)
