@@ -8,9 +8,12 @@ Measured in the same run:
   2. ``compute_atlas`` over the suite (labels off: no model): wall time, matching time, peak
      resident memory, the matching's GFLOP/s and its share of the bf16 peak, and how well the
      planted parents and lineage classes are recovered;
-  3. the plain approach on the first ``--baseline-layers`` layers: the full fp32 similarity
-     matrix of each pair, then argmax along both axes; versus the blocked pair on the same
-     operands (time per pair, peak memory of the step, top-1 agreement).
+  3. on the pairs of the first ``--baseline-layers`` layers, the same operands four ways: the
+     plain approach (the full fp32 similarity matrix, argmax along both axes; ``--no-plain``
+     skips it), the blocked pair with the plain torch selection and re-scoring
+     (``kernels="torch"``, the path before ``saeflow.match_kernels``), the blocked pair with
+     the compiled kernels (the default), and the bf16 tile products alone (the floor): time per
+     pair, GFLOP/s and share of the bf16 peak, peak memory of the step, top-1 agreement.
 """
 
 from __future__ import annotations
@@ -66,6 +69,26 @@ def plain_pair(R: torch.Tensor, S: torch.Tensor):
     return sim.max(1), sim.max(0)
 
 
+def products_only(R: Operand, S: Operand, block: int) -> float:
+    """Seconds of the pair's bf16 tile products alone, into one reused tile (no selection)."""
+    assert R.low is not None and S.low is not None
+    buf = torch.empty(min(block, len(R)) * min(block, len(S)), dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    for i in range(0, len(R), block):
+        for j in range(0, len(S), block):
+            a, b = R.low[i:i + block], S.low[j:j + block]
+            torch.matmul(a, b.T, out=buf[:len(a) * len(b)].view(len(a), -1))
+    return time.perf_counter() - t0
+
+
+def timed(fn):
+    reset_peak_rss()
+    base = peak_rss_gb()
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0, peak_rss_gb() - base
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--layers", type=int, default=26)
@@ -74,6 +97,8 @@ def main() -> int:
     ap.add_argument("--baseline-layers", type=int, default=2)
     ap.add_argument("--block", type=int, default=4096)
     ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the plain full fp32 matrix on the baseline pairs too")
     ap.add_argument("--out", default=None, help="atlas folder (default: a temporary one)")
     args = ap.parse_args()
 
@@ -109,30 +134,35 @@ def main() -> int:
             for key in ("rows", "rescored", "exact_rows"):
                 stats[key] = stats.get(key, 0) + s.get(key, 0)
 
-    # ---- the plain approach vs the blocked pair, on the same operands ----------------------
+    # ---- the same pairs: plain, blocked torch, blocked compiled, products alone ----------
     rows = []
     for L in range(1, min(args.baseline_layers, args.layers - 1) + 1):
         R32 = residual_decoder(suite, Site(L, "res"))
         for kind in ("res", "mlp", "att"):
             src = Site(L - 1, "res") if kind == "res" else Site(L, kind)
             S32 = residual_decoder(suite, src)
-            reset_peak_rss()
-            base_rss = peak_rss_gb()
-            t1 = time.perf_counter()
-            (bv, bi), (cv, ci) = plain_pair(R32, S32)
-            t_plain = time.perf_counter() - t1
-            m_plain = peak_rss_gb() - base_rss
-            reset_peak_rss()
-            base_rss = peak_rss_gb()
-            t1 = time.perf_counter()
+            if args.plain:
+                ((_, bi), (_, ci)), t_plain, m_plain = timed(lambda S32=S32: plain_pair(R32, S32))
+            else:
+                bi = ci = None
+                t_plain = m_plain = float("nan")
             R, S = Operand.cosine(R32, "bf16"), Operand.cosine(S32, "bf16")
-            fwd, back = cosine_topk_pair(R, S, k=args.k, block=args.block)
-            t_block = time.perf_counter() - t1
-            m_block = peak_rss_gb() - base_rss
-            agree = ((fwd.indices[:, 0] == bi).float().mean().item(),
-                     (back.indices[:, 0] == ci).float().mean().item())
-            rows.append((f"{L}/res vs {src}", t_plain, t_block, m_plain, m_block, agree))
-            del R, S, fwd, back
+            res = {}
+            for kern in ("torch", "numba"):
+                res[kern] = timed(lambda R=R, S=S, kern=kern: cosine_topk_pair(
+                    R, S, k=args.k, block=args.block, kernels=kern))
+            t_prod = products_only(R, S, args.block)
+            (fwd, back), (tfwd, tback) = res["numba"][0], res["torch"][0]
+            same = bool(torch.equal(fwd.indices[:, 0], tfwd.indices[:, 0])
+                        and torch.equal(back.indices[:, 0], tback.indices[:, 0])
+                        and torch.equal(fwd.values[:, 0], tfwd.values[:, 0])
+                        and torch.equal(back.values[:, 0], tback.values[:, 0]))
+            agree = (None if bi is None else
+                     ((fwd.indices[:, 0] == bi).float().mean().item(),
+                      (back.indices[:, 0] == ci).float().mean().item()))
+            rows.append((f"{L}/res vs {src}", t_plain, res["torch"][1], res["numba"][1], t_prod,
+                         m_plain, res["numba"][2], agree, same))
+            del R, S, fwd, back, tfwd, tback, res
 
     # the machine may be shared: take the best peak seen before and after (a conservative share)
     pk_bf16 = max(pk_bf16, peak_gflops(torch.bfloat16))
@@ -159,19 +189,27 @@ def main() -> int:
     print(f"| lineage class accuracy | {np.mean(acc):.2%} |")
     if rows:
         print()
-        print("## Plain (full fp32 matrix, argmax both axes) vs blocked bf16 + fp32 re-scoring")
+        print("## The same pairs: plain fp32 matrix, blocked bf16 with torch selection (before), "
+              "blocked bf16 with the compiled kernels (now), products alone")
         print()
-        print("| pair | plain s | blocked s | speed-up | plain extra memory | blocked extra "
-              "memory | top-1 agreement (fwd, back) |")
-        print("|---|---|---|---|---|---|---|")
-        for name, tp, tb, mp, mb, ag in rows:
-            print(f"| {name} | {tp:.2f} | {tb:.2f} | {tp / tb:.2f}x | {mp:.2f} GB | {mb:.2f} GB "
-                  f"| {ag[0]:.4%}, {ag[1]:.4%} |")
-        tp, tb = sum(r[1] for r in rows), sum(r[2] for r in rows)
-        print(f"| all | {tp:.2f} | {tb:.2f} | {tp / tb:.2f}x | | | |")
-        print(f"\nplain: {flops_pair * len(rows) / tp / 1e9:.0f} GFLOP/s "
-              f"({flops_pair * len(rows) / tp / 1e9 / pk_fp32:.0%} of fp32 peak); blocked: "
-              f"{flops_pair * len(rows) / tb / 1e9:.0f} GFLOP/s")
+        print("| pair | plain s | blocked torch s | blocked compiled s | products alone s | "
+              "compiled vs torch | plain extra memory | compiled extra memory | top-1 = plain "
+              "(fwd, back) | top-1 compiled = torch |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name, tp, tt, tn, tpr, mp, mn, ag, same in rows:
+            ag_s = "-" if ag is None else f"{ag[0]:.4%}, {ag[1]:.4%}"
+            print(f"| {name} | {tp:.2f} | {tt:.2f} | {tn:.2f} | {tpr:.2f} | {tt / tn:.2f}x "
+                  f"| {mp:.2f} GB | {mn:.2f} GB | {ag_s} | {'yes' if same else 'NO'} |")
+        tot = [sum(r[i] for r in rows) for i in (1, 2, 3, 4)]
+        print(f"| all | {tot[0]:.2f} | {tot[1]:.2f} | {tot[2]:.2f} | {tot[3]:.2f} | "
+              f"{tot[1] / tot[2]:.2f}x | | | | |")
+        fl = flops_pair * len(rows) / 1e9
+        print()
+        for name, t, peak in (("plain fp32", tot[0], pk_fp32), ("blocked torch (before)", tot[1],
+                              pk_bf16), ("blocked compiled (now)", tot[2], pk_bf16),
+                              ("bf16 products alone", tot[3], pk_bf16)):
+            print(f"{name}: {fl / t:.0f} GFLOP/s = {fl / t / peak:.0%} of the measured "
+                  f"{'fp32' if peak is pk_fp32 else 'bf16'} peak")
     print(f"\natlas written to {out}")
     return 0
 

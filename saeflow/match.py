@@ -18,7 +18,11 @@ Cosine top-k, ``cosine_topk(queries, keys, k)``:
      fp32 values). ``precision="auto"`` uses bf16 when bf16 matmuls are fast here
      (``compute.bf16_is_fast``, a one-off measurement) and rows are >= 1024 wide (below that,
      selection and re-scoring cost more than the faster products save).
-``cosine_topk_pair`` gets both directions (a -> b and b -> a) from the same tiles.
+``cosine_topk_pair`` gets both directions (a -> b and b -> a) from the same tiles. What
+happens after each tile's product (the running shortlists of rows and columns, the fp32
+re-scoring) is ``saeflow.match_kernels``: compiled (numba) by default, ``kernels="torch"`` for
+the plain path (``topk`` per tile and a ``cat`` + ``topk`` merge); both give the same top-1 and
+the same shortlist scores.
 
 Permutation matching, ``permutation_match(sae_a, sae_b)``: fold JumpReLU thresholds, then
 minimise the total squared distance between matched decoder rows (plus encoder columns with
@@ -41,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saeflow import match_kernels
 from saeflow.compute import bf16_is_fast, bf16_speedup  # noqa: F401  (re-exported)
 from saeflow.configs import DEFAULT_BLOCK
 from saeflow.sae import SAE
@@ -81,14 +86,6 @@ def resolve_precision(precision: str = "auto", d: int | None = None) -> str:
 def _unit(x: Tensor) -> Tensor:
     x = x.detach().to(torch.float32)
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def _merge(vals: Tensor, idx: Tensor, new_vals: Tensor, new_idx: Tensor, keep: int):
-    if vals.shape[1] == 0:
-        return new_vals, new_idx
-    v, i = torch.cat([vals, new_vals], 1), torch.cat([idx, new_idx], 1)
-    top = v.topk(min(keep, v.shape[1]), dim=1)
-    return top.values, i.gather(1, top.indices)
 
 
 class Operand:
@@ -132,21 +129,15 @@ class Operand:
         out.low = None if self.low is None else self.low[i:i + n]
         return out
 
-    def scores(self, rows: Tensor | None, other: Operand, cols: Tensor | None = None) -> Tensor:
+    def scores(self, rows: Tensor | None, other: Operand, cols: Tensor | None = None,
+               kernels: str = "auto") -> Tensor:
         """Exact fp32 scores of ``rows`` (None: all rows) against the ``other`` rows ``cols``
         [n, c], or against all of ``other`` when ``cols`` is None."""
-        q = self.x if rows is None else self.x[rows]
         if cols is None:
+            q = self.x if rows is None else self.x[rows]
             s = q @ other.x.T
             return s if other.bias is None else s + other.bias
-        n, c = cols.shape
-        out = torch.empty(n, c)
-        step = max(1, 16384 // max(c, 1))
-        buf = torch.empty(min(n, step) * c, q.shape[1])
-        for s in range(0, n, step):
-            cc = cols[s:s + step]
-            g = torch.index_select(other.x, 0, cc.flatten(), out=buf[:cc.numel()])
-            torch.bmm(g.view(len(cc), c, -1), q[s:s + step, :, None], out=out[s:s + step, :, None])
+        out = match_kernels.rescore(self.x, other.x, cols, rows, kernels)
         return out if other.bias is None else out + other.bias[cols]
 
 
@@ -161,7 +152,7 @@ def _bound(q: Operand, rows: Tensor, k: Operand, t: Tensor) -> Tensor:
 
 
 def _finish(q: Operand, k: Operand, vals: Tensor, idx: Tensor, n_keep: int, exact: bool,
-            stats: dict) -> TopK:
+            stats: dict, kernels: str = "auto") -> TopK:
     """Shortlists (approximate scores, best first) -> final top-``n_keep`` with fp32 values."""
     if exact:  # fp32 tiles: the shortlist is the answer
         return TopK(vals[:, :n_keep].contiguous(), idx[:, :n_keep].contiguous())
@@ -169,7 +160,7 @@ def _finish(q: Operand, k: Operand, vals: Tensor, idx: Tensor, n_keep: int, exac
     everyone = torch.arange(Q)
     all_keys = S >= len(k.x)  # the shortlist holds every key
     r = min(max(n_keep, 5), S)
-    out_v, out_i = q.scores(None, k, idx[:, :r]), idx[:, :r].clone()
+    out_v, out_i = q.scores(None, k, idx[:, :r], kernels), idx[:, :r].clone()
     if r == S and all_keys:
         bad = torch.zeros(Q, dtype=torch.bool)
     else:  # every candidate that was not re-scored has a bf16 score <= t
@@ -179,7 +170,7 @@ def _finish(q: Operand, k: Operand, vals: Tensor, idx: Tensor, n_keep: int, exac
     stats["rows"] = stats.get("rows", 0) + Q
     stats["rescored"] = stats.get("rescored", 0) + len(bad_rows)
     if len(bad_rows):
-        ex = q.scores(bad_rows, k, idx[bad_rows])  # the whole shortlist
+        ex = q.scores(bad_rows, k, idx[bad_rows], kernels)  # the whole shortlist
         top = ex.topk(r, dim=1)
         out_v[bad_rows], out_i[bad_rows] = top.values, idx[bad_rows].gather(1, top.indices)
         if not all_keys:
@@ -195,7 +186,7 @@ def _finish(q: Operand, k: Operand, vals: Tensor, idx: Tensor, n_keep: int, exac
 
 
 def _pair_pass(sa: Operand, sb: Operand, k: int, block: int, shortlist: int, cols: bool,
-               stats: dict | None = None) -> tuple[TopK, TopK | None]:
+               stats: dict | None = None, kernels: str = "auto") -> tuple[TopK, TopK | None]:
     """Top-k of a's rows over b (score a.b + b.bias) and, with ``cols``, of b's rows over a
     (score a.b + a.bias), from one tiled pass over a @ b.T."""
     stats = {} if stats is None else stats
@@ -209,42 +200,28 @@ def _pair_pass(sa: Operand, sb: Operand, k: int, block: int, shortlist: int, col
     if sa.precision != sb.precision:
         raise ValueError(f"operands prepared with different precisions: {sa.precision}, "
                          f"{sb.precision}")
+    kernels = match_kernels.resolve(kernels)
     bf16 = sa.precision == "bf16"
-    stats["precision"] = sa.precision
-    a, b = sa.x, sb.x
-    bias_a, bias_b = sa.bias, sb.bias
-    ka, kb = min(k, len(b)), min(k, len(a))
-    keep_a = min(ka + (shortlist if bf16 else 0), len(b))
-    keep_b = min(kb + (shortlist if bf16 else 0), len(a))
+    stats["precision"], stats["kernels"] = sa.precision, kernels
+    ka, kb = min(k, len(sb)), min(k, len(sa))
+    keep_a = min(ka + (shortlist if bf16 else 0), len(sb))
+    keep_b = min(kb + (shortlist if bf16 else 0), len(sa))
     A_, B_ = (sa.low, sb.low) if bf16 else (sa.x, sb.x)
-    starts_b = list(range(0, len(b), block))
-    col_v = [torch.empty(0, 0)] * len(starts_b)
-    col_i = [torch.empty(0, 0, dtype=torch.long)] * len(starts_b)
-    tile_buf = torch.empty(min(block, len(a)) * min(block, len(b)), dtype=A_.dtype)
-    tr_buf = torch.empty_like(tile_buf) if cols else None
-    row_parts = []
-    for i in range(0, len(a), block):
+    assert A_ is not None and B_ is not None
+    lists = match_kernels.Shortlists(len(sa), len(sb), keep_a, keep_b if cols else None,
+                                     sb.bias, sa.bias, block, kernels)
+    tile_buf = torch.empty(min(block, len(sa)) * min(block, len(sb)), dtype=A_.dtype)
+    for i in range(0, len(sa), block):
         qa = A_[i:i + block]
-        rv, ri = torch.empty(0, 0), torch.empty(0, 0, dtype=torch.long)
-        for jb, j in enumerate(starts_b):
+        for j in range(0, len(sb), block):
             kb_ = B_[j:j + block]
-            tile = torch.matmul(qa, kb_.T, out=tile_buf[:len(qa) * len(kb_)].view(len(qa), -1))
-            scored = tile if bias_b is None else tile.float() + sb.bias[j:j + block]
-            top = scored.topk(min(keep_a, len(kb_)), dim=1)
-            rv, ri = _merge(rv, ri, top.values.float(), top.indices + j, keep_a)
-            if cols:
-                tt = tr_buf[:tile.numel()].view(len(kb_), len(qa)).copy_(tile.T)
-                scored = tt if bias_a is None else tt.float() + sa.bias[i:i + block]
-                top = scored.topk(min(keep_b, len(qa)), dim=1)
-                col_v[jb], col_i[jb] = _merge(col_v[jb], col_i[jb], top.values.float(),
-                                              top.indices + i, keep_b)
-        row_parts.append(_finish(sa.rows(i, len(qa)), sb, rv, ri, ka, not bf16, stats))
-    del tile_buf, tr_buf
-    fwd = TopK(torch.cat([p.values for p in row_parts]), torch.cat([p.indices for p in row_parts]))
+            lists.add(torch.matmul(qa, kb_.T, out=tile_buf[:len(qa) * len(kb_)].view(
+                len(qa), -1)), i, j)
+    del tile_buf
+    fwd = _finish(sa, sb, *lists.rows(), ka, not bf16, stats, kernels)
     if not cols:
         return fwd, None
-    back = _finish(sb, sa, torch.cat(col_v), torch.cat(col_i), kb, not bf16, stats)
-    return fwd, back
+    return fwd, _finish(sb, sa, *lists.cols(), kb, not bf16, stats, kernels)
 
 
 def _operand(x: Tensor | Operand, precision: str) -> Operand:
@@ -258,25 +235,26 @@ def _operand(x: Tensor | Operand, precision: str) -> Operand:
 
 def cosine_topk(queries_QD: Tensor | Operand, keys_KD: Tensor | Operand, k: int = 1,
                 block: int = DEFAULT_BLOCK, precision: str = "auto",
-                shortlist: int = DEFAULT_SHORTLIST) -> TopK:
+                shortlist: int = DEFAULT_SHORTLIST, kernels: str = "auto") -> TopK:
     """For each query row, the ``k`` key rows of highest cosine (inputs need not be unit norm).
     Values are fp32 cosines; the top-1 is always the exact fp32 answer (module docstring).
-    Either side may be an ``Operand.cosine(...)`` prepared once and reused."""
+    Either side may be an ``Operand.cosine(...)`` prepared once and reused. ``kernels``:
+    "auto" (compiled when numba is installed), "numba" or "torch" (``saeflow.match_kernels``)."""
     _check_k(k)
     fwd, _ = _pair_pass(_operand(queries_QD, precision), _operand(keys_KD, precision), k, block,
-                        shortlist, False)
+                        shortlist, False, None, kernels)
     return fwd
 
 
 def cosine_topk_pair(a_AD: Tensor | Operand, b_BD: Tensor | Operand, k: int = 1,
                      block: int = DEFAULT_BLOCK, precision: str = "auto",
-                     shortlist: int = DEFAULT_SHORTLIST,
-                     stats: dict | None = None) -> tuple[TopK, TopK]:
+                     shortlist: int = DEFAULT_SHORTLIST, stats: dict | None = None,
+                     kernels: str = "auto") -> tuple[TopK, TopK]:
     """``(cosine_topk(a, b, k), cosine_topk(b, a, k))`` computed from one pass over the tiles.
     ``stats`` (a dict) receives how many rows needed re-scoring or an exact fp32 recompute."""
     _check_k(k)
     fwd, back = _pair_pass(_operand(a_AD, precision), _operand(b_BD, precision), k, block,
-                           shortlist, True, stats)
+                           shortlist, True, stats, kernels)
     return fwd, back
 
 
