@@ -58,7 +58,8 @@ def use_compiled(kernels: str, device: str | torch.device) -> bool:
 
 
 if numba is not None:
-    _jit = numba.njit(nogil=True, cache=True, fastmath=True)
+    # numpy's error model: no zero-division checks in float code, so divisions vectorise
+    _jit = numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
     _jit_exact = numba.njit(nogil=True, cache=True)  # integer work and exact comparisons
 
     @_jit_exact
@@ -240,15 +241,31 @@ if numba is not None:
         return max(tot / B, 1e-12)
 
     @_jit
-    def _sparse_step(x, b_dec, W_dec, W_enc, idx, vals, a_idx, a_vals, aux_coef,
-                     gW_enc, gb_enc, gW_dec, g_b_dec):
+    def _adam(p, g, m, v, hyper):
+        """torch's Adam on one row, in place; ``hyper = (lr_t, b1, b2, eps_t)`` with the bias
+        corrections folded in (``adam_hyper``)."""
+        lr_t, b1, b2, eps_t = hyper[0], hyper[1], hyper[2], hyper[3]
+        c1, c2 = np.float32(1) - b1, np.float32(1) - b2
+        for d in range(p.shape[0]):
+            mi = b1 * m[d] + c1 * g[d]
+            vi = b2 * v[d] + c2 * g[d] * g[d]
+            m[d], v[d] = mi, vi
+            p[d] -= lr_t * mi / (np.sqrt(vi) + eps_t)
+
+    @_jit
+    def _sparse_step(x, b_dec, W_dec, W_enc, b_enc, idx, vals, a_idx, a_vals, aux_coef,
+                     gW_enc, gb_enc, gW_dec, g_b_dec, fuse, state, hyper, lowp):
         """Losses and gradients of one batch given its selections (module docstring); returns
         ``(loss, aux)``. ``b_dec`` enters twice (``x_hat`` and ``x - b_dec``), hence its
         ``- gb_enc @ W_enc`` term, summed over the latents that fired.
         Two passes over the latents that fired, each reading its decoder row once: the first
         decodes (``x_hat`` and the AuxK ``e_hat``), the second sums every weight gradient of
-        the latent locally and writes its rows once, the decoder's with its radial part
-        removed (the rows are unit; ``r = g . w``, ``g - r w``)."""
+        the latent locally, the decoder's with its radial part removed (the rows are unit;
+        ``r = g . w``, ``g - r w``), and writes its rows once. With ``fuse`` it does not write
+        the weight gradients but takes the Adam step on the latent's rows there and then
+        (``state`` = Adam's moments of W_enc, b_enc, W_dec, b_dec; the biases' step after the
+        loop), renormalises the decoder row and writes the new encoder row's bf16 bits to
+        ``lowp`` (when it has rows): one pass over every weight-sized array."""
         B, D = x.shape
         F = W_dec.shape[0]
         main = _buckets(F, idx, vals)
@@ -276,6 +293,8 @@ if numba is not None:
             g_aux = a_err * np.float32(2.0 * aux_coef / (B * e_denom))
         xc = x - b_dec
         acc_dec, acc_enc = np.empty(D, np.float32), np.empty(D, np.float32)
+        enc_bits = W_enc.view(np.int32)
+        write_low = lowp.shape[0] == F
         for f in range(F):
             acc_dec[:] = 0
             acc_enc[:] = 0
@@ -287,13 +306,33 @@ if numba is not None:
             r = np.float32(0.0)
             for d in range(D):
                 r += acc_dec[d] * w[d]
-            for d in range(D):
-                gW_dec[f, d] = acc_dec[d] - r * w[d]
-                gW_enc[f, d] = acc_enc[d]
             gb_enc[f] = gb
-            if gb != 0:
+            if gb != 0:  # with the encoder row as it was
                 for d in range(D):
                     g_b_dec[d] -= gb * W_enc[f, d]
+            if not fuse:
+                for d in range(D):
+                    gW_dec[f, d] = acc_dec[d] - r * w[d]
+                    gW_enc[f, d] = acc_enc[d]
+                continue
+            for d in range(D):
+                acc_dec[d] -= r * w[d]
+            _adam(W_dec[f], acc_dec, state[4][f], state[5][f], hyper)
+            ss = np.float32(0.0)
+            for d in range(D):
+                ss += w[d] * w[d]
+            inv = np.float32(1) / max(np.sqrt(ss), np.float32(1e-8))
+            for d in range(D):
+                w[d] *= inv
+            _adam(W_enc[f], acc_enc, state[0][f], state[1][f], hyper)
+            if write_low:  # round to nearest even, as torch's bf16 conversion
+                for d in range(D):
+                    u = np.int64(enc_bits[f, d]) & 0xFFFFFFFF
+                    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+                    lowp[f, d] = np.int16(u - 65536 if u >= 32768 else u)
+        if fuse:
+            _adam(b_enc, gb_enc, state[2], state[3], hyper)
+            _adam(b_dec, g_b_dec, state[6], state[7], hyper)
         return loss, aux
 
 
@@ -328,31 +367,73 @@ def select(pre_BF: Tensor, k: int, dead_idx: Tensor | None = None, k_aux: int = 
     return vals, idx, a_vals, a_idx
 
 
-def sparse_step(x_BD: Tensor, W_dec_FD: Tensor, W_enc_FD: Tensor, b_dec_D: Tensor,
-                idx_BK: Tensor, vals_BK: Tensor,
-                a_idx: Tensor, a_vals: Tensor, aux_coef: float,
-                grads: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[float, float]:
-    """Fill ``grads = (g_W_enc, g_b_enc, g_W_dec, g_b_dec)`` (fp32 CPU tensors, overwritten)
-    for the selections given; returns ``(loss, aux)``. The decoder gradient comes with its
-    radial part removed."""
-    g_W_enc, g_b_enc, g_W_dec, g_b_dec = grads
-    loss, aux = _sparse_step(_np(x_BD.contiguous()), _np(b_dec_D), _np(W_dec_FD), _np(W_enc_FD),
-                             _np(idx_BK),
-                             _np(vals_BK), _np(a_idx), _np(a_vals), float(aux_coef),
-                             _np(g_W_enc), _np(g_b_enc), _np(g_W_dec), _np(g_b_dec))
+_NO_ROWS = np.empty((0, 0), np.float32)
+
+
+def adam_hyper(opt: torch.optim.Adam, lr: float, params) -> np.ndarray:
+    """Advance ``opt``'s step count for ``params`` (creating torch's state the first time, so
+    checkpoints are those of ``torch.optim.Adam``) and return ``(lr_t, b1, b2, eps_t)``:
+    ``p -= lr_t m / (sqrt(v) + eps_t)`` is torch's ``lr / bc1 * m / (sqrt(v / bc2) + eps)``."""
+    (b1, b2), eps = opt.defaults["betas"], opt.defaults["eps"]
+    for t in params:
+        st = opt.state[t]
+        if not st:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(t), torch.zeros_like(t)
+        st["step"] += 1
+    step = float(opt.state[params[0]]["step"])
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    return np.array([lr * bc2 ** 0.5 / bc1, b1, b2, eps * bc2 ** 0.5], np.float32)
+
+
+def sparse_step(x_BD: Tensor, p, idx_BK: Tensor, vals_BK: Tensor, a_idx: Tensor, a_vals: Tensor,
+                aux_coef: float, grads: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+                opt: torch.optim.Adam | None = None, lr: float = 0.0,
+                W_low: Tensor | None = None) -> tuple[float, float]:
+    """Losses of one batch given its selections; returns ``(loss, aux)``. With ``grads``
+    (``TopKParams``-shaped fp32 CPU buffers, overwritten): writes the gradients, the decoder's
+    with its radial part removed. With ``opt`` instead: takes the Adam step (learning rate
+    ``lr``, state kept in ``opt``), renormalises the decoder rows and, given ``W_low`` (a bf16
+    ``[F, D]`` tensor), writes the new encoder's bf16 copy, without forming the weight
+    gradients."""
+    F, D = p.W_enc_FD.shape
+    fuse = opt is not None
+    if fuse:
+        gb_enc, g_b_dec = torch.empty(F), torch.empty(D)
+        hyper = adam_hyper(opt, lr, list(p))
+        state = tuple(_np(opt.state[t][key]) for t in p for key in ("exp_avg", "exp_avg_sq"))
+        gw = (_NO_ROWS, _NO_ROWS)
+    elif grads is None:
+        raise ValueError("sparse_step needs grads buffers or an optimizer")
+    else:
+        gW_enc, gb_enc, gW_dec, g_b_dec = grads
+        state, hyper = _no_state(), np.zeros(4, np.float32)
+        gw = (_np(gW_enc), _np(gW_dec))
+    low = _np(W_low) if W_low is not None else np.empty((0, 0), np.int16)
+    loss, aux = _sparse_step(_np(x_BD.contiguous()), _np(p.b_dec_D), _np(p.W_dec_FD),
+                             _np(p.W_enc_FD), _np(p.b_enc_F), _np(idx_BK), _np(vals_BK),
+                             _np(a_idx), _np(a_vals), float(aux_coef), gw[0], _np(gb_enc),
+                             gw[1], _np(g_b_dec), fuse, state, hyper, low)
     return float(loss), float(aux)
 
 
+def _no_state():
+    """A placeholder for ``_sparse_step``'s Adam state when it only writes gradients."""
+    e2, e1 = np.empty((0, 0), np.float32), np.empty(0, np.float32)
+    return (e2, e2, e1, e1, e2, e2, e1, e1)  # the types of (W_enc, b_enc, W_dec, b_dec) x (m, v)
+
+
 def train_step(x_BD: Tensor, p, pre_BF: Tensor, k: int, dead_F: Tensor | None, k_aux: int,
-               aux_coef: float, grads: tuple[Tensor, Tensor, Tensor, Tensor]):
+               aux_coef: float, grads: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+               opt: torch.optim.Adam | None = None, lr: float = 0.0,
+               W_low: Tensor | None = None):
     """``topk.topk_step`` on the compiled path, given the encoder's pre-activations ``pre_BF``
-    (``topk.encode_pre``): ``select`` and ``sparse_step``. ``p`` holds the parameters as
-    ``topk.TopKParams``; returns ``(loss, aux, idx_BK, acts_BK)`` and fills ``grads``
-    (``TopKParams``-shaped fp32 buffers), the decoder's already projected."""
+    (``topk.encode_pre``): ``select``, then ``sparse_step`` (gradients into ``grads``, or the
+    whole Adam step with ``opt``). ``p`` holds the parameters as ``topk.TopKParams``; returns
+    ``(loss, aux, idx_BK, acts_BK)``."""
     dead_idx = None
     if dead_F is not None and k_aux > 0 and aux_coef > 0:
         dead_idx = dead_F.nonzero().squeeze(1)
     vals, idx, a_vals, a_idx = select(pre_BF, k, dead_idx, k_aux)
-    loss, aux = sparse_step(x_BD, p.W_dec_FD, p.W_enc_FD, p.b_dec_D, idx, vals, a_idx, a_vals,
-                            aux_coef, grads)
+    loss, aux = sparse_step(x_BD, p, idx, vals, a_idx, a_vals, aux_coef, grads, opt, lr, W_low)
     return loss, aux, idx, vals.clamp_min(0)

@@ -281,7 +281,9 @@ class TopKTrainer:
         self.max_norm: float | None = None
         self.since_fired_F = torch.zeros(width, dtype=torch.long, device=self.device)
         self.buffer = RowBuffer(buffer_rows, d, seed=seed + 1) if buffer_rows > 0 else None
-        self._grad_bufs: tuple[Tensor, ...] | None = None  # reused gradient storage
+        self._grad_bufs: tuple[Tensor, Tensor] | None = None  # reused gradient storage
+        self._W_low: Tensor | None = None  # the compiled path's bf16 copy of the encoder
+        self._W_low_version = -1
         self.tokens = 0  # rows trained on, counted once per use
         self.steps = 0
 
@@ -333,14 +335,19 @@ class TopKTrainer:
         return self._count(x_ND, out)
 
     def _compiled_step(self, x_ND: Tensor, lr: float) -> StepOut:
-        """``step`` on ``saeflow.kernels`` (the decoder gradient comes already projected)."""
+        """``step`` on ``saeflow.kernels``: the Adam step, the decoder's renormalisation and the
+        encoder's bf16 copy for the next step are fused into the backward (the copy is rebuilt
+        whenever the encoder was changed from outside, e.g. by loading a checkpoint)."""
         p = self.params
-        if self._grad_bufs is None:
-            self._grad_bufs = tuple(torch.empty_like(t) for t in p)
-        pre = encode_pre(x_ND - p.b_dec_D, p.W_enc_FD, p.b_enc_F, self.matmul_dtype)
-        loss, aux, idx, acts = compiled.train_step(x_ND, p, pre, self.k, self.dead_mask(),
-                                                   self.k_aux, self.aux_coef, self._grad_bufs)
-        self._adam(lr, self._grad_bufs)
+        low = self.matmul_dtype == torch.bfloat16
+        if low and (self._W_low is None or self._W_low_version != p.W_enc_FD._version):
+            self._W_low = p.W_enc_FD.detach().to(torch.bfloat16)
+        W = self._W_low if low else p.W_enc_FD
+        pre = encode_pre(x_ND - p.b_dec_D, W, p.b_enc_F, self.matmul_dtype)
+        loss, aux, idx, acts = compiled.train_step(
+            x_ND, p, pre, self.k, self.dead_mask(), self.k_aux, self.aux_coef, opt=self.opt,
+            lr=lr, W_low=self._W_low if low else None)
+        self._W_low_version = p.W_enc_FD._version
         return self._count(x_ND, StepOut(loss, aux, idx, acts))
 
     def _adam(self, lr: float, grads) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -57,7 +59,7 @@ def test_compiled_gradients_equal_autograd(with_aux):
     grads = (torch.empty_like(p[0]), torch.empty_like(p[1]), torch.empty_like(p[2]),
              torch.empty_like(p[3]))
     pre = encode_pre(x - p.b_dec_D, p.W_enc_FD, p.b_enc_F, torch.float32)
-    loss, aux, idx, acts = kernels.train_step(x, p, pre, k, dead_F, k_aux, 0.25, grads)
+    loss, aux, idx, acts = kernels.train_step(x, p, pre, k, dead_F, k_aux, 0.25, grads=grads)
     leaves = TopKParams(*[t.clone().requires_grad_(True) for t in p])
     ref = dense_topk_loss(x, leaves, k, dead_F, k_aux, 0.25)
     ref.backward()
@@ -93,8 +95,20 @@ def test_compiled_trainer_follows_the_torch_trainer():
     for a, b in zip(ref_t.params, t.params):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert torch.equal(ref_t.since_fired_F, t.since_fired_F)
-    bf = runs["numba-bf16"][1]
+    bf_t, bf = runs["numba-bf16"]
     assert bf[-1].loss == pytest.approx(ref[-1].loss, rel=0.05)
+    # the fused step's bf16 copy of the encoder is torch's rounding of the new weights
+    assert bf_t._W_low is not None
+    assert torch.equal(bf_t._W_low, bf_t.params.W_enc_FD.detach().to(torch.bfloat16))
+    # its Adam state is torch's: a torch trainer resumes from it and takes the same next step
+    twin = TopKTrainer(d, F, k, k_aux=16, dead_tokens=300, outlier_factor=1e9, seed=5,
+                       matmul_dtype=torch.float32, kernels="torch")
+    twin.load_state_dict(copy.deepcopy(t.state_dict()))  # as a checkpoint file would
+    x = torch.randn(64, d, generator=g)
+    a, b = twin.step(x, 1e-3), t.step(x, 1e-3)
+    assert b.loss == pytest.approx(a.loss, rel=1e-5)
+    for u, v in zip(twin.params, t.params):
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_choice_is_checked():
