@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saeflow.atlas import compute_atlas  # noqa: E402
-from saeflow.match import Operand, cosine_topk_pair, residual_decoder  # noqa: E402
+from saeflow.match import Operand, cosine_topk, cosine_topk_pair, residual_decoder  # noqa: E402
+from saeflow.nulls import gaussian_directions, null_scores  # noqa: E402
 from saeflow.sites import Site  # noqa: E402
 from saeflow.synthetic import planted_suite  # noqa: E402
 
@@ -81,6 +82,25 @@ def products_only(R: Operand, S: Operand, block: int) -> float:
     return time.perf_counter() - t0
 
 
+def atlas_extras(R32: torch.Tensor, S32: torch.Tensor, block: int) -> dict[str, float]:
+    """Seconds of the other steps ``atlas._match_layer`` times as matching, for one source: its
+    Operand, the Gaussian directions (once per layer) and the two null passes."""
+    out = {}
+    t0 = time.perf_counter()
+    S = Operand.cosine(S32, "bf16")
+    out["operand"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gauss = gaussian_directions(R32, 2048, 7)
+    out["gaussian directions"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cosine_topk(gauss, S, k=1, block=block, precision="bf16")
+    out["gaussian null"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    null_scores(R32, S, n=2048, block=block, kind="rotation", seed=8)
+    out["rotation null"] = time.perf_counter() - t0
+    return out
+
+
 def timed(fn):
     reset_peak_rss()
     base = peak_rss_gb()
@@ -107,6 +127,9 @@ def main() -> int:
     pk_bf16, pk_fp32 = peak_gflops(torch.bfloat16), peak_gflops(torch.float32)
     print(f"machine: {threads} threads, load average {load0:.1f}; matmul peak bf16 "
           f"{pk_bf16:.0f} GFLOP/s, fp32 {pk_fp32:.0f} GFLOP/s (ratio {pk_bf16 / pk_fp32:.2f})")
+
+    warm = torch.randn(300, 64)  # compile (or load) the kernels before anything is timed
+    cosine_topk_pair(warm, warm, k=args.k, block=128, precision="bf16")
 
     suite, truth = planted_suite(args.layers, args.width, args.d_model, lazy=True,
                                  name=f"planted-{args.layers}x{args.width}")
@@ -135,7 +158,7 @@ def main() -> int:
                 stats[key] = stats.get(key, 0) + s.get(key, 0)
 
     # ---- the same pairs: plain, blocked torch, blocked compiled, products alone ----------
-    rows = []
+    rows, extras = [], {}
     for L in range(1, min(args.baseline_layers, args.layers - 1) + 1):
         R32 = residual_decoder(suite, Site(L, "res"))
         for kind in ("res", "mlp", "att"):
@@ -153,13 +176,15 @@ def main() -> int:
                     R, S, k=args.k, block=args.block, kernels=kern))
             t_prod = products_only(R, S, args.block)
             (fwd, back), (tfwd, tback) = res["numba"][0], res["torch"][0]
-            same = bool(torch.equal(fwd.indices[:, 0], tfwd.indices[:, 0])
-                        and torch.equal(back.indices[:, 0], tback.indices[:, 0])
-                        and torch.equal(fwd.values[:, 0], tfwd.values[:, 0])
-                        and torch.equal(back.values[:, 0], tback.values[:, 0]))
+            same = (bool(torch.equal(fwd.indices[:, 0], tfwd.indices[:, 0])
+                         and torch.equal(back.indices[:, 0], tback.indices[:, 0])),
+                    max(float((fwd.values[:, 0] - tfwd.values[:, 0]).abs().max()),
+                        float((back.values[:, 0] - tback.values[:, 0]).abs().max())))
             agree = (None if bi is None else
                      ((fwd.indices[:, 0] == bi).float().mean().item(),
                       (back.indices[:, 0] == ci).float().mean().item()))
+            if kind == "mlp" and not extras:  # what else a layer's matching time holds
+                extras = atlas_extras(R32, S32, args.block)
             rows.append((f"{L}/res vs {src}", t_plain, res["torch"][1], res["numba"][1], t_prod,
                          m_plain, res["numba"][2], agree, same))
             del R, S, fwd, back, tfwd, tback, res
@@ -194,12 +219,12 @@ def main() -> int:
         print()
         print("| pair | plain s | blocked torch s | blocked compiled s | products alone s | "
               "compiled vs torch | plain extra memory | compiled extra memory | top-1 = plain "
-              "(fwd, back) | top-1 compiled = torch |")
+              "(fwd, back) | top-1 compiled = torch (max value difference) |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for name, tp, tt, tn, tpr, mp, mn, ag, same in rows:
             ag_s = "-" if ag is None else f"{ag[0]:.4%}, {ag[1]:.4%}"
             print(f"| {name} | {tp:.2f} | {tt:.2f} | {tn:.2f} | {tpr:.2f} | {tt / tn:.2f}x "
-                  f"| {mp:.2f} GB | {mn:.2f} GB | {ag_s} | {'yes' if same else 'NO'} |")
+                  f"| {mp:.2f} GB | {mn:.2f} GB | {ag_s} | {'yes' if same[0] else 'NO'} ({same[1]:.1e}) |")
         tot = [sum(r[i] for r in rows) for i in (1, 2, 3, 4)]
         print(f"| all | {tot[0]:.2f} | {tot[1]:.2f} | {tot[2]:.2f} | {tot[3]:.2f} | "
               f"{tot[1] / tot[2]:.2f}x | | | | |")
@@ -210,6 +235,24 @@ def main() -> int:
                               ("bf16 products alone", tot[3], pk_bf16)):
             print(f"{name}: {fl / t:.0f} GFLOP/s = {fl / t / peak:.0%} of the measured "
                   f"{'fp32' if peak is pk_fp32 else 'bf16'} peak")
+    if extras:
+        n_layer = sum(1 for L in atlas.layers if atlas.sources(L))
+        pair = sum(r[3] for r in rows) / len(rows)
+        per_layer = {"pair passes (3 x compiled pair)": 3 * pair,
+                     "source operands (mlp, att)": 2 * extras["operand"],
+                     "Gaussian directions": extras["gaussian directions"],
+                     "Gaussian null passes (3)": 3 * extras["gaussian null"],
+                     "rotation null passes (3)": 3 * extras["rotation null"]}
+        total = sum(per_layer.values())
+        print()
+        print(f"## What a layer's matching time holds (measured once each; the atlas measured "
+              f"{ms / max(n_layer, 1):.1f} s per layer)")
+        print()
+        print("| step | s per layer | share |")
+        print("|---|---|---|")
+        for name, t in per_layer.items():
+            print(f"| {name} | {t:.2f} | {t / total:.0%} |")
+        print(f"| sum | {total:.2f} | |")
     print(f"\natlas written to {out}")
     return 0
 

@@ -148,14 +148,14 @@ if numba is not None:
         ng = (m + _GROUP - 1) // _GROUP
         for g in range(ng):
             gr = G[g]
-            row = tile[g * _GROUP]
+            row = tile[g * _GROUP, c0:c1]
             for s in range(w):
-                x = row[c0 + s]
+                x = row[s]
                 gr[s] = x ^ ((x >> top) & mask)
             for r in range(g * _GROUP + 1, min(g * _GROUP + _GROUP, m)):
-                row = tile[r]
+                row = tile[r, c0:c1]
                 for s in range(w):
-                    x = row[c0 + s]
+                    x = row[s]
                     gr[s] = max(gr[s], x ^ ((x >> top) & mask))
         th = thr[col_base + c0:col_base + c1]
         if ng >= S:
