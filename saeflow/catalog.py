@@ -2,7 +2,7 @@
 
 A suite is named by
   - ``starter`` (or ``smollm2-starter``): saeflow's own SAEs for the embedded default, trained
-    on first use (``saeflow.train.ensure_starter_suite``: about 15 minutes once), then cached;
+    on first use (``saeflow.train.ensure_starter_suite``: about 20 minutes once), then cached;
   - ``standard`` or ``gpu``: the larger training profiles (``saeflow.train.PROFILES``), the same;
   - a folder of SAE folders or a ``.json``/``.toml`` spec file (``saeflow.suite.read_suite``);
   - a hub preset name (``saeflow.presets``).
