@@ -138,43 +138,60 @@ if numba is not None:
                             _insert(keys, idx, cnt, thr, amin, i, k, col_base + c)
 
     @_jit
+    def _group_max(tile, top, mask, g, c0, c1, out):
+        """``out[s]``: the largest key of column ``c0 + s`` over the rows of group ``g``."""
+        m = tile.shape[0]
+        row = tile[g * _GROUP, c0:c1]
+        for s in range(c1 - c0):
+            x = row[s]
+            out[s] = x ^ ((x >> top) & mask)
+        for r in range(g * _GROUP + 1, min(g * _GROUP + _GROUP, m)):
+            row = tile[r, c0:c1]
+            for s in range(c1 - c0):
+                x = row[s]
+                out[s] = max(out[s], x ^ ((x >> top) & mask))
+
+    @_jit
+    def _scan_group(tile, top, mask, g, c0, gr, th, row_base, col_base, keys, idx, cnt, thr,
+                    amin):
+        """Read down the columns whose group maximum ``gr`` beats their threshold ``th``."""
+        m = tile.shape[0]
+        for s in range(gr.shape[0]):
+            if gr[s] > th[s]:
+                for r in range(g * _GROUP, min(g * _GROUP + _GROUP, m)):
+                    x = tile[r, c0 + s]
+                    k = x ^ ((x >> top) & mask)
+                    if k > th[s]:
+                        _insert(keys, idx, cnt, thr, amin, col_base + c0 + s, k, row_base + r)
+
+    @_jit
     def _cols_keys(tile, top, mask, c0, c1, row_base, col_base, keys, idx, cnt, thr, amin,
                    G):
-        """Tile columns ``c0:c1`` (float bits, no bias) into the column shortlists: first the
-        maxima of 16-row groups (a vectorised pass along the rows), then only the groups
-        whose maximum beats the column's threshold are read down the column. A fresh
-        column's threshold starts just below the ``S``-th largest of its group maxima."""
+        """Tile columns ``c0:c1`` (float bits, no bias) into the column shortlists: the maxima
+        of 16-row groups are a vectorised pass along the rows, and only the groups whose
+        maximum beats the column's threshold are read down the column, right after their
+        maxima (the rows are still in cache). Fresh columns (the first row block) first take
+        every group's maximum and start just below the ``S``-th largest of their own."""
         m, w, S = tile.shape[0], c1 - c0, keys.shape[1]
         ng = (m + _GROUP - 1) // _GROUP
-        for g in range(ng):
-            gr = G[g]
-            row = tile[g * _GROUP, c0:c1]
-            for s in range(w):
-                x = row[s]
-                gr[s] = x ^ ((x >> top) & mask)
-            for r in range(g * _GROUP + 1, min(g * _GROUP + _GROUP, m)):
-                row = tile[r, c0:c1]
-                for s in range(w):
-                    x = row[s]
-                    gr[s] = max(gr[s], x ^ ((x >> top) & mask))
         th = thr[col_base + c0:col_base + c1]
-        if ng >= S:
+        if ng >= S and cnt[col_base + c0] == 0:
             col, buf = np.empty(ng, G.dtype), np.empty(S, G.dtype)
+            for g in range(ng):
+                _group_max(tile, top, mask, g, c0, c1, G[g])
             for s in range(w):
                 if cnt[col_base + c0 + s] == 0:
                     for g in range(ng):
                         col[g] = G[g, s]
                     th[s] = _kth(col, ng, S, buf) - 1
+            for g in range(ng):
+                _scan_group(tile, top, mask, g, c0, G[g], th, row_base, col_base, keys, idx,
+                            cnt, thr, amin)
+            return
         for g in range(ng):
-            gr = G[g]
-            for s in range(w):
-                if gr[s] > th[s]:
-                    for r in range(g * _GROUP, min(g * _GROUP + _GROUP, m)):
-                        x = tile[r, c0 + s]
-                        k = x ^ ((x >> top) & mask)
-                        if k > th[s]:
-                            _insert(keys, idx, cnt, thr, amin, col_base + c0 + s, k,
-                                    row_base + r)
+            _group_max(tile, top, mask, g, c0, c1, G[0])
+            _scan_group(tile, top, mask, g, c0, G[0], th, row_base, col_base, keys, idx, cnt,
+                        thr, amin)
 
     @_jit_fast
     def _dots(q, k, rows, cols, a0, a1, out):
