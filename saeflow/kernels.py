@@ -62,6 +62,12 @@ if numba is not None:
     _jit = numba.njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
     _jit_exact = numba.njit(nogil=True, cache=True)  # integer work and exact comparisons
 
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _key(s):
+        """A float's int32 bits <-> its order key: the magnitude bits flipped when negative
+        (an involution), so keys compare as int32 the way the floats do."""
+        return s ^ ((s >> 31) & 0x7FFFFFFF)
+
     @_jit_exact
     def _kth_largest(keys, n, k, hist, buf):
         """The exact ``k``-th largest of ``keys[:n]`` (int32, ``k <= n``) by radix selection
@@ -133,9 +139,8 @@ if numba is not None:
     @_jit_exact
     def _select(pre, widen, k, dead, ka, out_bits, out_idx, aux_bits, aux_idx):
         """Both selections for every row of ``pre`` (int16 bf16 bit patterns when ``widen``,
-        else fp32 bit patterns as int32). Order keys: a float's bits with the magnitude bits
-        flipped when negative (an involution), so comparing keys as int32 compares the floats;
-        they go back to float32 bit patterns the same way."""
+        else fp32 bit patterns as int32), compared as ``_key``s and returned as float32
+        bit patterns."""
         B, F = pre.shape
         keys = np.empty(F, np.int32)
         gath = np.empty(max(dead.shape[0], 1), np.int32)
@@ -146,23 +151,19 @@ if numba is not None:
             row = pre[b]
             if widen:
                 for f in range(F):
-                    s = np.int32(row[f]) << 16
-                    keys[f] = s ^ ((s >> 31) & 0x7FFFFFFF)
+                    keys[f] = _key(np.int32(row[f]) << 16)
             else:
                 for f in range(F):
-                    s = np.int32(row[f])
-                    keys[f] = s ^ ((s >> 31) & 0x7FFFFFFF)
+                    keys[f] = _key(np.int32(row[f]))
             _row_topk(keys, k, top_k, top_i, work)
             for j in range(k):
-                s = top_k[j]
-                out_bits[b, j], out_idx[b, j] = s ^ ((s >> 31) & 0x7FFFFFFF), top_i[j]
+                out_bits[b, j], out_idx[b, j] = _key(top_k[j]), top_i[j]
             if ka:
                 for t in range(dead.shape[0]):
                     gath[t] = keys[dead[t]]
                 _row_topk(gath[:dead.shape[0]], ka, top_k, top_i, work)
                 for j in range(ka):
-                    s = top_k[j]
-                    aux_bits[b, j], aux_idx[b, j] = s ^ ((s >> 31) & 0x7FFFFFFF), dead[top_i[j]]
+                    aux_bits[b, j], aux_idx[b, j] = _key(top_k[j]), dead[top_i[j]]
 
     @_jit_exact
     def _buckets(F, idx, vals):
