@@ -11,11 +11,13 @@ fp32 encoder and decoder, top-k scattered into a dense code, autograd, torch Ada
 sparse kernels in torch with glibc's default allocator, what training first ran (every
 weight-sized temporary is a fresh mmap, so each step pays page faults); (c) the same with
 ``tune_malloc`` (today's torch kernels); (d) the compiled step of ``saeflow.kernels`` (numba: a
-radix top-k and one fused sparse backward), (c) and (d) at the model-batch size and at the
-starter's SAE-step size. Each row gives rows/s and the share of the floor. Part 2 (``--suite``)
-runs ``train_suite`` on every SmolLM2 site for a few forwards with the old recipe (one
-1,024-row step per 1,024-token forward) and the starter's (2,048-token forwards, small SAE
-steps, tokens reused) on both kernels, beside the hooked model forward alone. Throughput on a shared machine moves with the load: compare the
+radix top-k and one sparse backward with Adam fused in), (c) and (d) at the model-batch size
+and at the starter's SAE-step size. Each row gives rows/s and the share of the floor. Part 2
+(``--suite``) runs ``train_suite`` on every SmolLM2 site for a few forwards with the old recipe
+(one 1,024-row step per 1,024-token forward) and the starter's (2,048-token forwards, small SAE
+steps, tokens reused) on both kernels, beside the hooked model forward alone. The runs are too
+short for any latent to count as dead, so AuxK does not run in them (a whole training run pays
+about 10% more; docs/training.md). Throughput on a shared machine moves with the load: compare the
 ratios within one run; CPU-seconds per 1k tokens are less sensitive to other jobs than wall time.
 """
 
