@@ -7,7 +7,8 @@ when the forward pass or generation raises. Hidden states are ``[batch, tokens, 
 - ``editing(lm, {site: fn})``: ``fn(h) -> h`` replaces the hidden state at the site.
 - ``run_sites(lm, ids, sites)``: one forward pass that stops after the last layer it needs.
 - ``SiteTaps(lm, sites)``: record and patch per thread, for several threads running forward
-  passes of one model at once (training, quality).
+  passes of one model at once (training, quality); ``loss_from`` reruns only the blocks from
+  a patched layer on, from the clean pass's input to that block (quality).
 - ``BlockRerun(lm, layer)``: call one decoder block directly, with the extra arguments the model
   itself passes it (deactivation recomputes block L only).
 The viewer streams generated tokens with transformers' streamer and stopping criteria, so it
@@ -19,6 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,10 +160,21 @@ class SiteTaps:
             return new
         return fn
 
+    def _block_input(self, mod, args, kwargs):
+        inputs = getattr(self._tls, "inputs", None)
+        if inputs is not None:
+            inputs.append((args[0].detach(), args[1:], dict(kwargs)))
+
     @contextmanager
     def installed(self):
-        with editing(self.lm, {s: self._fn(s) for s in self.sites}):
-            yield self
+        handles = [b.register_forward_pre_hook(self._block_input, with_kwargs=True)
+                   for b in self.lm.blocks]
+        try:
+            with editing(self.lm, {s: self._fn(s) for s in self.sites}):
+                yield self
+        finally:
+            for h in handles:
+                h.remove()
 
     @torch.no_grad()
     def record(self, ids: Tensor, sites=None) -> dict[Site, Tensor]:
@@ -179,14 +192,53 @@ class SiteTaps:
         return out
 
     @torch.no_grad()
-    def loss(self, ids: Tensor, patch: Mapping[Site, EditFn] | None = None) -> tuple[float, int]:
-        """Summed next-token loss over predictions made at positions 1..T-2, and their count."""
+    def loss(self, ids: Tensor, patch: Mapping[Site, EditFn] | None = None,
+             block_inputs: list | None = None) -> tuple[float, int]:
+        """Summed next-token loss over predictions made at positions 1..T-2, and their count.
+        ``block_inputs``, a list, receives what each block is called with, in order:
+        ``(hidden state, args, kwargs)`` (for ``loss_from``)."""
         st = self._tls
-        st.patch = dict(patch or {})
+        st.patch, st.inputs = dict(patch or {}), block_inputs
         try:
             logits = self.lm.model(input_ids=ids.to(self.lm.device), use_cache=False).logits
         finally:
+            st.patch = st.inputs = None
+        return self._summed_loss(logits, ids)
+
+    @torch.no_grad()
+    def loss_from(self, layer: int, block_inputs: list, ids: Tensor,
+                  patch: Mapping[Site, EditFn] | None = None) -> tuple[float, int]:
+        """``loss(ids, patch)`` for a patch at sites of block ``layer`` or later, without
+        rerunning the blocks before it. ``block_inputs`` are those of the unpatched pass of
+        ``ids`` (``loss(ids, block_inputs=...)``): the hidden state entering block ``layer``,
+        and the arguments (rotary embeddings, masks) the model passed each block. Then the
+        final norm and the unembedding, with Gemma 2's logit soft-capping: the full pass's loss."""
+        patch = dict(patch or {})
+        early = [str(s) for s in patch if s.layer < layer]
+        if early:
+            raise ValueError(f"loss_from({layer}): the patch edits {', '.join(early)}, before "
+                             f"block {layer}")
+        if len(block_inputs) != self.lm.n_layers:
+            raise ValueError(f"loss_from: block_inputs of {len(block_inputs)} blocks, the model "
+                             f"has {self.lm.n_layers}")
+        st = self._tls
+        st.patch = patch
+        try:
+            h = block_inputs[layer][0]
+            for block, (_, args, kwargs) in zip(self.lm.blocks[layer:], block_inputs[layer:]):
+                h = _main(block(h, *args, **kwargs))
+            norm, _ = self.lm.unembed()
+            model: Any = self.lm.model  # a transformers PreTrainedModel
+            logits = model.get_output_embeddings()(norm(h))
+        finally:
             st.patch = None
+        cap = getattr(self.lm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return self._summed_loss(logits, ids)
+
+    @staticmethod
+    def _summed_loss(logits: Tensor, ids: Tensor) -> tuple[float, int]:
         pred = logits[:, 1:-1].float().reshape(-1, logits.shape[-1])
         target = ids[:, 2:].reshape(-1).to(pred.device)
         return float(F.cross_entropy(pred, target, reduction="sum")), target.numel()

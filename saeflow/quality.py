@@ -144,24 +144,38 @@ def evaluate(lm, saes: Mapping, source: str = "default", tokens: int = 8192,
                     return out
                 return fn
 
-            jobs = [(None, "clean", b) for b in loss_batches]
+            sums: dict[tuple, list[float]] = {}
+
+            def add(key, got):
+                t = sums.setdefault(key, [0.0, 0])
+                t[0] += got[0]
+                t[1] += got[1]
+                bar.update()
+
+            # the clean passes keep each block's input, so a patched pass reruns only the
+            # blocks from its site's layer on (SiteTaps.loss_from: the same loss)
+            def clean_job(ids):
+                inputs: list = []
+                return taps.loss(ids, block_inputs=inputs), inputs
+
+            block_inputs = []
+            for got, inputs in pool.map(clean_job, loss_batches):
+                add((None, "clean"), got)
+                block_inputs.append(inputs)
+            jobs = []
             for s in sites:
                 abl = res_ablation if s.kind == "res" else "zero"
-                jobs += [(s, "sae", b) for b in loss_batches]
-                jobs += [(s, abl, b) for b in loss_batches]
+                jobs += [(s, mode, b) for mode in ("sae", abl) for b in range(len(loss_batches))]
 
             def loss_job(job):
-                s, mode, ids = job
-                with torch.no_grad():
-                    patch = None if s is None else {s: patch_fn(s, mode)}
-                    return (s, "abl" if mode in ("zero", "mean") else mode), taps.loss(ids, patch)
+                s, mode, b = job
+                got = taps.loss_from(s.layer, block_inputs[b], loss_batches[b],
+                                     {s: patch_fn(s, mode)})
+                return (s, "abl" if mode in ("zero", "mean") else mode), got
 
-            sums: dict[tuple, list[float]] = {}
-            for key, (total, n) in pool.map(loss_job, jobs):
-                t = sums.setdefault(key, [0.0, 0])
-                t[0] += total
-                t[1] += n
-                bar.update()
+            for key, got in pool.map(loss_job, jobs):
+                add(key, got)
+            block_inputs.clear()
             bar.close()
     finally:
         torch.set_num_threads(prev_threads)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from saeflow.hooks import editing, hook_count, recording, run_sites
+from saeflow.hooks import SiteTaps, editing, hook_count, recording, run_sites
 from saeflow.models import ARCHITECTURES, arch_spec, lm_from_model
 from saeflow.sites import Site
 
@@ -92,6 +92,33 @@ def test_no_hook_leaks_when_forward_raises(tiny_llama, ids):
         with recording(tiny_llama, ["0/res", "9/res"]):
             pass
     assert hook_count(tiny_llama.model) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_from_a_block_equals_the_full_patched_pass(tiny_lm, arch):
+    """Quality reruns only the blocks from the patched layer on: the loss must be the full
+    pass's, for every architecture (Gemma's sliding windows and logit soft-capping included)."""
+    lm = tiny_lm(arch)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+    sites = [Site(layer, kind) for layer in range(lm.n_layers) for kind in ("res", "att", "mlp")]
+    taps = SiteTaps(lm, sites)
+
+    def scaled(h):
+        return h * 3.0 + 0.5
+
+    with taps.installed():
+        inputs: list = []
+        clean = taps.loss(ids, block_inputs=inputs)
+        assert len(inputs) == lm.n_layers
+        assert taps.loss_from(0, inputs, ids) == pytest.approx(clean, rel=1e-6)
+        for s in sites:
+            full = taps.loss(ids, {s: scaled})
+            assert abs(full[0] - clean[0]) > 1e-3  # the patch matters
+            assert taps.loss_from(s.layer, inputs, ids, {s: scaled}) == \
+                pytest.approx(full, rel=1e-6)
+        with pytest.raises(ValueError, match="before block 2"):
+            taps.loss_from(2, inputs, ids, {Site(1, "mlp"): scaled})
+    assert hook_count(lm.model) == 0
 
 
 def test_run_sites_matches_a_full_forward_and_stops_early(tiny_llama, ids):
