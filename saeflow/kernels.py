@@ -254,8 +254,27 @@ if numba is not None:
             p[d] -= lr_t * mi / (np.sqrt(vi) + eps_t)
 
     @_jit
+    def _renorm(w):
+        """Scale a row to unit norm (``topk.normalize_rows_``)."""
+        ss = np.float32(0.0)
+        for d in range(w.shape[0]):
+            ss += w[d] * w[d]
+        inv = np.float32(1) / max(np.sqrt(ss), np.float32(1e-8))
+        for d in range(w.shape[0]):
+            w[d] *= inv
+
+    @_jit
+    def _to_bf16(bits, out):
+        """bf16 bits of a row of float32 bits, rounded to nearest even as torch rounds (in
+        int32: the carry out of the low half wraps where the unsigned sum would)."""
+        one, half = np.int32(1), np.int32(0x7FFF)
+        for d in range(bits.shape[0]):
+            u = bits[d]
+            out[d] = np.int16((u + half + ((u >> 16) & one)) >> 16)
+
+    @_jit
     def _sparse_step(x, b_dec, W_dec, W_enc, b_enc, idx, vals, a_idx, a_vals, aux_coef,
-                     gW_enc, gb_enc, gW_dec, g_b_dec, fuse, state, hyper, lowp):
+                     gW_enc, gb_enc, gW_dec, g_b_dec, fuse, state, hyper, lowp, since):
         """Losses and gradients of one batch given its selections (module docstring); returns
         ``(loss, aux)``. ``b_dec`` enters twice (``x_hat`` and ``x - b_dec``), hence its
         ``- gb_enc @ W_enc`` term, summed over the latents that fired.
@@ -266,7 +285,9 @@ if numba is not None:
         the weight gradients but takes the Adam step on the latent's rows there and then
         (``state`` = Adam's moments of W_enc, b_enc, W_dec, b_dec; the biases' step after the
         loop), renormalises the decoder row and writes the new encoder row's bf16 bits to
-        ``lowp`` (when it has rows): one pass over every weight-sized array."""
+        ``lowp`` (when it has rows): one pass over every weight-sized array. ``since`` (when
+        it has F entries) counts rows since each latent last fired: 0 for a latent with a
+        pair, plus B for the others."""
         B, D = x.shape
         F = W_dec.shape[0]
         main = _buckets(F, idx, vals)
@@ -296,7 +317,10 @@ if numba is not None:
         acc_dec, acc_enc = np.empty(D, np.float32), np.empty(D, np.float32)
         enc_bits = W_enc.view(np.int32)
         write_low = lowp.shape[0] == F
+        count = since.shape[0] == F
         for f in range(F):
+            if count:
+                since[f] = 0 if main[0][f + 1] > main[0][f] else since[f] + B
             acc_dec[:] = 0
             acc_enc[:] = 0
             w = W_dec[f]
@@ -319,18 +343,10 @@ if numba is not None:
             for d in range(D):
                 acc_dec[d] -= r * w[d]
             _adam(W_dec[f], acc_dec, state[4][f], state[5][f], hyper)
-            ss = np.float32(0.0)
-            for d in range(D):
-                ss += w[d] * w[d]
-            inv = np.float32(1) / max(np.sqrt(ss), np.float32(1e-8))
-            for d in range(D):
-                w[d] *= inv
+            _renorm(w)
             _adam(W_enc[f], acc_enc, state[0][f], state[1][f], hyper)
-            if write_low:  # round to nearest even, as torch's bf16 conversion
-                for d in range(D):
-                    u = np.int64(enc_bits[f, d]) & 0xFFFFFFFF
-                    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-                    lowp[f, d] = np.int16(u - 65536 if u >= 32768 else u)
+            if write_low:
+                _to_bf16(enc_bits[f], lowp[f])
         if fuse:
             _adam(b_enc, gb_enc, state[2], state[3], hyper)
             _adam(b_dec, g_b_dec, state[6], state[7], hyper)
@@ -390,13 +406,15 @@ def adam_hyper(opt: torch.optim.Adam, lr: float, params) -> np.ndarray:
 def sparse_step(x_BD: Tensor, p, idx_BK: Tensor, vals_BK: Tensor, a_idx: Tensor, a_vals: Tensor,
                 aux_coef: float, grads: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
                 opt: torch.optim.Adam | None = None, lr: float = 0.0,
-                W_low: Tensor | None = None) -> tuple[float, float]:
+                W_low: Tensor | None = None, since_F: Tensor | None = None
+                ) -> tuple[float, float]:
     """Losses of one batch given its selections; returns ``(loss, aux)``. With ``grads``
     (``TopKParams``-shaped fp32 CPU buffers, overwritten): writes the gradients, the decoder's
     with its radial part removed. With ``opt`` instead: takes the Adam step (learning rate
     ``lr``, state kept in ``opt``), renormalises the decoder rows and, given ``W_low`` (a bf16
     ``[F, D]`` tensor), writes the new encoder's bf16 copy, without forming the weight
-    gradients."""
+    gradients. ``since_F`` (int64, the trainer's rows since each latent fired) is updated in
+    the same pass: 0 where a latent has a positive selection, plus B elsewhere."""
     F, D = p.W_enc_FD.shape
     fuse = opt is not None
     if fuse:
@@ -411,10 +429,15 @@ def sparse_step(x_BD: Tensor, p, idx_BK: Tensor, vals_BK: Tensor, a_idx: Tensor,
         state, hyper = _no_state(), np.zeros(4, np.float32)
         gw = (_np(gW_enc), _np(gW_dec))
     low = _np(W_low) if W_low is not None else np.empty((0, 0), np.int16)
+    since = np.empty(0, np.int64)
+    if since_F is not None:
+        if since_F.dtype != torch.int64 or since_F.shape != (F,) or not since_F.is_contiguous():
+            raise ValueError(f"since_F must be a contiguous int64 tensor of {F} counts")
+        since = since_F.numpy()
     loss, aux = _sparse_step(_np(x_BD.contiguous()), _np(p.b_dec_D), _np(p.W_dec_FD),
                              _np(p.W_enc_FD), _np(p.b_enc_F), _np(idx_BK), _np(vals_BK),
                              _np(a_idx), _np(a_vals), float(aux_coef), gw[0], _np(gb_enc),
-                             gw[1], _np(g_b_dec), fuse, state, hyper, low)
+                             gw[1], _np(g_b_dec), fuse, state, hyper, low, since)
     return float(loss), float(aux)
 
 
@@ -427,14 +450,15 @@ def _no_state():
 def train_step(x_BD: Tensor, p, pre_BF: Tensor, k: int, dead_F: Tensor | None, k_aux: int,
                aux_coef: float, grads: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
                opt: torch.optim.Adam | None = None, lr: float = 0.0,
-               W_low: Tensor | None = None):
+               W_low: Tensor | None = None, since_F: Tensor | None = None):
     """``topk.topk_step`` on the compiled path, given the encoder's pre-activations ``pre_BF``
     (``topk.encode_pre``): ``select``, then ``sparse_step`` (gradients into ``grads``, or the
-    whole Adam step with ``opt``). ``p`` holds the parameters as ``topk.TopKParams``; returns
-    ``(loss, aux, idx_BK, acts_BK)``."""
+    whole Adam step with ``opt``; ``since_F`` counted there). ``p`` holds the parameters as
+    ``topk.TopKParams``; returns ``(loss, aux, idx_BK, acts_BK)``."""
     dead_idx = None
     if dead_F is not None and k_aux > 0 and aux_coef > 0:
         dead_idx = dead_F.nonzero().squeeze(1)
     vals, idx, a_vals, a_idx = select(pre_BF, k, dead_idx, k_aux)
-    loss, aux = sparse_step(x_BD, p, idx, vals, a_idx, a_vals, aux_coef, grads, opt, lr, W_low)
+    loss, aux = sparse_step(x_BD, p, idx, vals, a_idx, a_vals, aux_coef, grads, opt, lr, W_low,
+                            since_F)
     return loss, aux, idx, vals.clamp_min(0)

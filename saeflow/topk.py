@@ -346,9 +346,9 @@ class TopKTrainer:
         pre = encode_pre(x_ND - p.b_dec_D, W, p.b_enc_F, self.matmul_dtype)
         loss, aux, idx, acts = compiled.train_step(
             x_ND, p, pre, self.k, self.dead_mask(), self.k_aux, self.aux_coef, opt=self.opt,
-            lr=lr, W_low=self._W_low if low else None)
+            lr=lr, W_low=self._W_low if low else None, since_F=self.since_fired_F)
         self._W_low_version = p.W_enc_FD._version
-        return self._count(x_ND, StepOut(loss, aux, idx, acts))
+        return self._count(x_ND, StepOut(loss, aux, idx, acts), fired_counted=True)
 
     def _adam(self, lr: float, grads) -> None:
         p = self.params
@@ -361,9 +361,10 @@ class TopKTrainer:
             t.grad = None
         normalize_rows_(p.W_dec_FD)
 
-    def _count(self, x_ND: Tensor, out: StepOut) -> StepOut:
-        self.since_fired_F += x_ND.shape[0]
-        self.since_fired_F.index_fill_(0, out.idx_BK[out.acts_BK > 0], 0)
+    def _count(self, x_ND: Tensor, out: StepOut, fired_counted: bool = False) -> StepOut:
+        if not fired_counted:  # the compiled step counts in its pass over the latents
+            self.since_fired_F += x_ND.shape[0]
+            self.since_fired_F.index_fill_(0, out.idx_BK[out.acts_BK > 0], 0)
         self.tokens += x_ND.shape[0]
         self.steps += 1
         return out
