@@ -135,3 +135,12 @@ class Memo:
         save_checkpoint(path, {"key": key, "value": value})
         self.misses[kind] = self.misses.get(kind, 0) + 1
         return value
+
+
+def setup_memo() -> Memo:
+    """Where the theme setups' deterministic parts are kept (per-text feature statistics,
+    magnitudes, scorer calibrations): the cache directory's ``theme-setup`` folder. Every
+    command that ranks a theme's features reads and fills it (``steer-eval``, ``steer
+    --theme``, ``themes``, the viewer's theme search)."""
+    from saeflow.io import cache_dir
+    return Memo(cache_dir() / "theme-setup")

@@ -555,13 +555,22 @@ def test_steering_with_picked_nodes(client, setup):
     assert job["magnitude"] == "res_norm" and all(t["magnitude"] > 0 for t in job["plan"])
 
 
-def test_theme_search_job(client):
-    r = client.post("/api/themes", json={"description": "weddings", "site": "2/res", "top": 5,
-                                         "examples": [TEXTS[1], TEXTS[1].upper()]})
+def test_theme_search_job(client, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAEFLOW_CACHE", str(tmp_path))
+    request = {"description": "weddings", "site": "2/res", "top": 5,
+               "examples": [TEXTS[1], TEXTS[1].upper()]}
+    r = client.post("/api/themes", json=request)
     assert r.status_code == 202
     job = wait_job(client, r.get_json()["id"])
     assert job["status"] == "done", job["error"]
     assert len(job["features"]) == 5 and all(f["id"].startswith("2/res/") for f in job["features"])
+    # the per-text statistics are kept with the other theme setups; a repeat search reads them
+    stored = list((tmp_path / "theme-setup" / "feature-stats").glob("*.pt"))
+    assert len(stored) == 1
+    written = stored[0].stat().st_mtime_ns
+    again = wait_job(client, client.post("/api/themes", json=request).get_json()["id"])
+    assert again["features"] == job["features"]
+    assert stored[0].stat().st_mtime_ns == written
     assert client.post("/api/themes", json={"description": ""}).status_code == 400
     assert client.post("/api/themes", json={"description": "x", "site": "9/res"}).status_code == 404
 

@@ -33,6 +33,7 @@ def run(args) -> int:
     import json
 
     from saeflow.catalog import open_suite
+    from saeflow.memo import setup_memo
     from saeflow.recipes.steering import read_examples
     from saeflow.themes import build_theme, rank_features, theme_embedder
     examples = read_examples(args.examples)
@@ -45,7 +46,7 @@ def run(args) -> int:
     theme = build_theme(args.theme, examples, source=args.source, n_theme=args.n_theme,
                         n_background=args.n_background, embed=embed)
     ranked = rank_features(lm, suite, theme, site=args.site, top=args.top, atlas=atlas,
-                           embed=embed)
+                           embed=embed, memo=setup_memo())
     if args.json:
         print(json.dumps([r.evidence() for r in ranked], indent=2))
         return 0

@@ -130,14 +130,6 @@ def auto_layers(graph: FlowGraph) -> list[int]:
     return sorted(x for x in picks if x in layers) or [seed]
 
 
-def setup_memo() -> Memo:
-    """Where the theme setups' deterministic parts are kept (``saeflow.memo``): the cache
-    directory's ``theme-setup`` folder."""
-    from saeflow.io import cache_dir
-    from saeflow.memo import Memo
-    return Memo(cache_dir() / "theme-setup")
-
-
 def stored_magnitudes(memo: Memo | None, lm: LM, suite: Suite, features: Sequence[Feature],
                       how: str, texts: Sequence[str]) -> dict[Feature, float]:
     """``feature_magnitudes``, with ``memo`` stored under the model's fingerprint, those of the
@@ -227,6 +219,7 @@ def run_steer_eval(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, emb
     from saeflow.themes import sentence_embedder
     out = Path(cfg.out)
     embed = embed or sentence_embedder()
+    from saeflow.memo import setup_memo
     memo = memo or setup_memo()
     fan_out = None
     if cfg.ray is not None:

@@ -109,6 +109,7 @@ def trace_graph(opts: PlanOptions, atlas: Atlas, seed: Feature, log: Log = print
 def theme_seed(opts: PlanOptions, suite: Suite, lm: LM, description: str,
                atlas: Atlas | None = None, log: Log = print):
     """``(theme, ranked)``: the theme's text and its top features, printed."""
+    from saeflow.memo import setup_memo
     from saeflow.themes import build_theme, rank_features, sentence_embedder
     examples = read_examples(opts.examples)
     try:  # retrieval needs the embedder; with examples it only adds the relevance evidence
@@ -118,7 +119,8 @@ def theme_seed(opts: PlanOptions, suite: Suite, lm: LM, description: str,
             raise
         embed = None
     theme = build_theme(description, examples, source=opts.source, embed=embed)
-    ranked = rank_features(lm, suite, theme, site=opts.site, top=5, atlas=atlas, embed=embed)
+    ranked = rank_features(lm, suite, theme, site=opts.site, top=5, atlas=atlas, embed=embed,
+                           memo=setup_memo())
     log(f"theme {description!r}: top features at {ranked[0].feature.site} (seed score = t x "
         "specificity excess x relevance)")
     for r in ranked:

@@ -123,6 +123,7 @@ class SteeringService:
         """Queue a theme search (``saeflow.themes``): the features of ``site`` most specific to
         the theme's text, with their atlas labels."""
         def run(job: Job, resources) -> None:
+            from saeflow.memo import setup_memo
             from saeflow.themes import build_theme, rank_features, theme_embedder
             lm, suite = resources
             job.update(progress={"done": 0, "total": 2, "phase": "finding theme text"})
@@ -133,7 +134,7 @@ class SteeringService:
             job.update(progress={"done": 1, "total": 2, "phase": "ranking features"},
                        theme_texts=[t[:200] for t in theme.texts[:5]])
             ranked = rank_features(lm, suite, theme, site=site, top=top, atlas=self.view.atlas,
-                                   embed=embed)
+                                   embed=embed, memo=setup_memo())
             job.update(progress={"done": 2, "total": 2, "phase": "done"},
                        features=[{"id": str(r.feature), "score": round(r.score, 3),
                                   "theme_frac": round(r.theme_frac, 3),
