@@ -216,10 +216,10 @@ def run_steer_eval(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, emb
     from saeflow import plots
     from saeflow.evaluate import compare_modes, run_heldout, run_sweep
     from saeflow.io import write_json_atomic
+    from saeflow.memo import setup_memo
     from saeflow.themes import sentence_embedder
     out = Path(cfg.out)
     embed = embed or sentence_embedder()
-    from saeflow.memo import setup_memo
     memo = memo or setup_memo()
     fan_out = None
     if cfg.ray is not None:
