@@ -10,8 +10,7 @@ Results get the permissions of an ordinary ``open``/``mkdir`` under the process 
 0755 by default), not the 0600 / 0700 that ``mkstemp`` / ``mkdtemp`` give.
 
 ``file_lock(path)`` makes one process at a time work on something (others wait, after saying
-so), and ``save_checkpoint(path, state)`` writes a ``torch.save`` checkpoint atomically;
-``CheckpointWriter`` does the same on a background thread, one checkpoint at a time.
+so), and ``save_checkpoint(path, state)`` writes a ``torch.save`` checkpoint atomically.
 """
 
 from __future__ import annotations
@@ -22,13 +21,12 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["CheckpointWriter", "atomic_dir", "atomic_path", "file_lock", "save_checkpoint",
-           "temp_dir", "write_bytes", "write_json_atomic", "write_text"]
+__all__ = ["atomic_dir", "atomic_path", "file_lock", "save_checkpoint", "temp_dir",
+           "write_bytes", "write_json_atomic", "write_text"]
 
 
 def cache_dir() -> Path:
@@ -131,38 +129,6 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     import torch
     with atomic_path(path, suffix=".tmp") as tmp:
         torch.save(state, tmp)
-
-
-class CheckpointWriter:
-    """``save_checkpoint`` on a background thread, so a training loop goes on while the file is
-    written (the disk, not the CPU, bounds a multi-GB checkpoint). ``save`` first waits for the
-    previous write; the state handed to it must be a snapshot that the caller no longer
-    changes. ``wait()`` blocks until the write in flight is on disk and re-raises its error;
-    call it before reading, replacing or deleting the file."""
-
-    def __init__(self):
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def save(self, path: str | Path, state: dict) -> None:
-        self.wait()
-
-        def write():
-            try:
-                save_checkpoint(path, state)
-            except BaseException as e:  # handed to the training thread by wait()
-                self._error = e
-
-        self._thread = threading.Thread(target=write, name="saeflow-checkpoint")
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
 
 def save_figure(fig, path: str | Path) -> Path:

@@ -25,7 +25,6 @@ autograd on the dense formulation).
 
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple
 
 import torch
@@ -371,10 +370,7 @@ class TopKTrainer:
         return out
 
     def state_dict(self) -> dict:
-        """A snapshot: copies, so later steps do not change it (checkpoints are written from it
-        while training goes on)."""
-        return {"params": [t.detach().clone() for t in self.params],
-                "opt": copy.deepcopy(self.opt.state_dict()),
+        return {"params": [t.detach().clone() for t in self.params], "opt": self.opt.state_dict(),
                 "scale": self.scale, "max_norm": self.max_norm,
                 "since_fired": self.since_fired_F.clone(), "tokens": self.tokens,
                 "steps": self.steps,

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from saeflow.hooks import SiteTaps
-from saeflow.io import CheckpointWriter, file_lock, write_json_atomic
+from saeflow.io import file_lock, save_checkpoint, write_json_atomic
 from saeflow.sae import SAE
 from saeflow.sites import Site, parse_sites
 from saeflow.suite import SUITE_JSON
@@ -186,17 +186,15 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
                 loss = t.step(t.sample(rows_per_step), cfg.lr_at(first + j)).loss
             return key, loss
 
-    writer = CheckpointWriter()  # the trainers' state_dicts are snapshots
-
     def checkpoint():
-        writer.save(ckpt, {"settings": _settings(cfg), "sites": [str(s) for s in sites],
-                           "step": step, "elapsed": elapsed, "cpu": cpu,
-                           "rng": torch.get_rng_state(),
-                           "trainers": {k: t.state_dict() for k, (_, t) in trainers.items()}})
+        save_checkpoint(ckpt, {"settings": _settings(cfg), "sites": [str(s) for s in sites],
+                                "step": step, "elapsed": elapsed, "cpu": cpu,
+                                "rng": torch.get_rng_state(),
+                                "trainers": {k: t.state_dict() for k, (_, t) in trainers.items()}})
 
     tune_malloc()
     with _single_threaded_ops(), taps.installed(), \
-            ThreadPoolExecutor(max_workers=cfg.workers) as pool, _waiting_for(writer):
+            ThreadPoolExecutor(max_workers=cfg.workers) as pool:
         while step < cfg.forwards:
             t0, c0 = time.perf_counter(), time.process_time()
             ids = next(batches)
@@ -228,21 +226,6 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
     _finish(lm, saes, cfg, out_dir, spec, name, timing, progress)
     _cleanup(out_dir)
     return out_dir
-
-
-@contextmanager
-def _waiting_for(writer: CheckpointWriter):
-    """Leave the training loop only once a checkpoint being written is on disk (also when the
-    loop raises: a resumed run then finds it), its own error second to the loop's."""
-    try:
-        yield
-    except BaseException:
-        try:
-            writer.wait()
-        except Exception:
-            pass
-        raise
-    writer.wait()
 
 
 def _trained_marker(out_dir: Path, cfg: TrainConfig, sites: list[Site]) -> dict | None:

@@ -104,37 +104,3 @@ def test_checkpoint_round_trip_and_no_temporary_left(tmp_path):
     state = torch.load(path)
     assert state["step"] == 3 and torch.equal(state["w"], torch.arange(4.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.pt"]
-
-
-def test_background_checkpoint_writes_whole_files_and_reports_errors(tmp_path):
-    import torch
-
-    from saeflow.io import CheckpointWriter
-    writer = CheckpointWriter()
-    path = tmp_path / "ckpt.pt"
-    for i in range(3):  # each save waits for the previous write
-        writer.save(path, {"step": i, "x": torch.full((1000,), float(i))})
-    writer.wait()
-    got = torch.load(path, weights_only=False)
-    assert got["step"] == 2 and torch.equal(got["x"], torch.full((1000,), 2.0))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
-    (tmp_path / "taken").mkdir()  # a folder where the file should go: the write fails
-    writer.save(tmp_path / "taken", {"step": 3})
-    with pytest.raises(OSError):
-        writer.wait()
-    writer.wait()  # the error is reported once
-
-
-def test_trainer_state_dict_is_a_snapshot():
-    import torch
-
-    from saeflow.topk import TopKTrainer
-    t = TopKTrainer(16, 32, 4, seed=0)
-    x = torch.randn(64, 16)
-    t.prepare(x[None])
-    t.step(x, 1e-2)
-    state = t.state_dict()
-    before = {k: v.clone() for k, v in state["opt"]["state"][0].items()}
-    t.step(x, 1e-2)
-    for k, v in state["opt"]["state"][0].items():
-        assert torch.equal(v, before[k]), k
