@@ -265,8 +265,9 @@ if numba is not None:
 
     @_jit
     def _to_bf16(bits, out):
-        """bf16 bits of a row of float32 bits, rounded to nearest even as torch rounds (in
-        int32: the carry out of the low half wraps where the unsigned sum would)."""
+        """bf16 bits of a row of float32 bits, rounded to nearest even as torch rounds. The
+        sum is signed, but its low 16 bits after the shift are those of the unsigned sum, and
+        the int16 cast keeps only those."""
         one, half = np.int32(1), np.int32(0x7FFF)
         for d in range(bits.shape[0]):
             u = bits[d]
