@@ -17,9 +17,10 @@ Choices (the feature-flow papers train their own SAEs but do not describe the re
   - concurrency: ``workers`` threads with one intra-op thread each split the model forward
     (by sequences) and the SAE steps (by sites); on a shared CPU this degrades gracefully,
     where multi-threaded ops stall on the slowest core;
-  - checkpoints every ``checkpoint_every`` steps (atomic) hold everything that determines the
-    rest of the run (weights, Adam state, scales, dead counters, step); resuming reproduces
-    the uninterrupted run bit for bit.
+  - checkpoints every ``checkpoint_every`` forwards, once ``checkpoint_minutes`` of training
+    have passed since the last one (atomic), hold everything that determines the rest of the
+    run (weights, Adam state, scales, dead counters, buffers, step); resuming reproduces the
+    uninterrupted run bit for bit, wherever the checkpoint fell.
 """
 
 from __future__ import annotations
@@ -193,6 +194,7 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
                                 "trainers": {k: t.state_dict() for k, (_, t) in trainers.items()}})
 
     tune_malloc()
+    saved_at = time.perf_counter()  # the last checkpoint (or the start of this process's run)
     with _single_threaded_ops(), taps.installed(), \
             ThreadPoolExecutor(max_workers=cfg.workers) as pool:
         while step < cfg.forwards:
@@ -207,8 +209,10 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
             step += 1
             elapsed += time.perf_counter() - t0
             cpu += time.process_time() - c0
-            if step % cfg.checkpoint_every == 0 and step < cfg.forwards:
+            if step % cfg.checkpoint_every == 0 and step < cfg.forwards and \
+                    time.perf_counter() - saved_at >= 60 * cfg.checkpoint_minutes:
                 checkpoint()
+                saved_at = time.perf_counter()
             bar.update(tok_per_step)
             post = {"loss": f"{sum(ema.values()) / len(ema):.3f}"}
             post.update({str(s): f"{ema[str(s)]:.3f}" for s in shown})

@@ -33,6 +33,9 @@ class TrainConfig:
     kernels: str = "auto"  # SAE step: auto (compiled on the CPU when numba is there) | numba | torch
     workers: int = 2
     checkpoint_every: int = 100  # model forwards
+    # and at least this many minutes of training since the last checkpoint (0: forwards alone);
+    # a checkpoint costs 12-40 s on a 2-core machine with a ~110 MB/s disk (docs/training.md)
+    checkpoint_minutes: float = 0.0
     eval_tokens: int = 8192  # quality: tokens for FVU, L0, dead (0 skips the evaluation)
     eval_loss_tokens: int = 1024  # quality: tokens for loss recovered
     seed_sites: str = ""  # sites also trained with a second seed (cross-seed stability)
@@ -42,7 +45,7 @@ class TrainConfig:
                      "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training setting {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sae_batch", "buffer_tokens"):
+        for name in ("sae_batch", "buffer_tokens", "checkpoint_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"training setting {name} must be >= 0, got {getattr(self, name)}")
         if self.k > self.width:
@@ -97,19 +100,21 @@ RESULT_FIELDS = ("width", "k", "tokens", "batch_tokens", "seq_len", "sae_batch",
 # The starter: 300k tokens through a per-site shuffle buffer, 256-row Adam steps, each token
 # used 1.5 times (1,764 steps per SAE; the old recipe took 293). Adam steps, not rows, were what
 # mattered in bench/train_recipes.py (docs/training.md, "Recipe experiments").
+# A checkpoint after every 10 minutes of training: a kill loses at most that much, and the
+# writes (3.8 GB here) cost one pause instead of five.
 STARTER_CONFIG = TrainConfig(tokens=300_000, batch_tokens=2048, sae_batch=256, reuse=1.5,
-                             buffer_tokens=8192, checkpoint_every=25,
+                             buffer_tokens=8192, checkpoint_every=1, checkpoint_minutes=10,
                              seed_sites="6/res,12/res,18/res")
 # Every train-split token of the bundled corpus (~1.99M) through the model, 512-row steps, each
 # row used 0.75 times on average (2,916 steps per SAE: 1.65x the starter's steps on 3.3x its
 # rows), sized to about an hour by the idle benchmark's per-step costs; measured at about
 # 70 minutes on 2 free cores (docs/training.md).
 STANDARD_CONFIG = dataclasses.replace(STARTER_CONFIG, tokens=1_990_000, sae_batch=512,
-                                      reuse=0.75, buffer_tokens=16_384, checkpoint_every=50)
+                                      reuse=0.75, buffer_tokens=16_384)
 # For a GPU: 50M tokens (the corpus repeated), large model batches, 4,096-row steps.
 GPU_CONFIG = dataclasses.replace(STARTER_CONFIG, tokens=50_000_000, batch_tokens=16_384,
                                  sae_batch=4096, reuse=1.0, buffer_tokens=65_536, lr=1e-3,
-                                 checkpoint_every=200, workers=1)
+                                 workers=1)
 
 
 @dataclass(frozen=True)

@@ -271,6 +271,28 @@ def test_resume_refuses_other_settings(tmp_path):
                     progress=False)
 
 
+def test_checkpoints_wait_for_their_minutes(tmp_path, monkeypatch):
+    import saeflow.train
+    source = text_file(tmp_path)
+    written = []
+    real = saeflow.train.save_checkpoint
+
+    def save(path, state):
+        written.append(state["step"])
+        real(path, state)
+
+    monkeypatch.setattr(saeflow.train, "save_checkpoint", save)
+    cfg = TrainConfig(width=32, k=4, tokens=6 * 64, batch_tokens=64, seq_len=32, source=source,
+                      checkpoint_every=1, checkpoint_minutes=60, eval_tokens=0)
+    train_suite(tiny_lm(), "0/res", cfg, tmp_path / "hour", progress=False)
+    assert written == []  # six forwards take less than an hour
+    cfg = dataclasses.replace(cfg, checkpoint_every=2, checkpoint_minutes=1e-9)
+    train_suite(tiny_lm(), "0/res", cfg, tmp_path / "often", progress=False)
+    assert written == [2, 4]  # every second forward, never after the last
+    with pytest.raises(ValueError, match="checkpoint_minutes"):
+        TrainConfig(checkpoint_minutes=-1)
+
+
 def test_kill_during_final_evaluation_does_not_retrain(tmp_path, monkeypatch):
     from saeflow import quality
     source = text_file(tmp_path)

@@ -26,7 +26,9 @@ _OPTIONS = {
     "workers": ("workers", int, "worker threads ({})"),
     "kernels": ("kernels", str, "SAE step: auto (compiled when numba is installed and the "
                 "device is the CPU), numba, or torch ({})"),
-    "checkpoint_every": ("checkpoint_every", int, "model forwards between checkpoints"),
+    "checkpoint_every": ("checkpoint_every", int, "model forwards between checkpoints ({})"),
+    "checkpoint_minutes": ("checkpoint_minutes", float, "and at least this many minutes of "
+                           "training since the last one (0: forwards alone; {:g})"),
     "eval_tokens": ("eval_tokens", int, "held-out tokens for the quality table (0 skips it; {})"),
 }
 
