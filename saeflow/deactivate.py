@@ -170,9 +170,9 @@ def _batched_sites(lm, ids, sites, batch=8):
         yield i, run_sites(lm, inp, sites, attention_mask=mask.to(lm.device))
 
 
-def _fingerprint(cfg, layer, suite, ids, corr_ids) -> str:
+def _fingerprint(cfg, layer, suite, ids, corr_ids, dtype) -> str:
     h = hashlib.sha1(json.dumps([RESULT_VERSION, asdict(cfg), layer, str(suite.name),
-                                 str(suite.root)], default=str).encode())
+                                 str(suite.root), str(dtype)], default=str).encode())
     for x in list(ids) + [torch.tensor([-1])] + list(corr_ids or []):
         h.update(x.numpy().astype(np.int64).tobytes() + b"|")
     return h.hexdigest()
@@ -458,7 +458,7 @@ def run_deactivation(lm, suite, ids: Sequence[Tensor], corr_ids: Sequence[Tensor
                for t in sorted((torch.randperm(len(x) - 1, generator=g)[:cfg.tokens_per_text]
                                 + 1).tolist())]
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    fps = {L: _fingerprint(cfg, L, suite, ids, corr_ids) for L in cfg.layers}
+    fps = {L: _fingerprint(cfg, L, suite, ids, corr_ids, lm.dtype) for L in cfg.layers}
     done = {}
     for L in cfg.layers:
         f = ckpt / f"layer-{L}.json" if ckpt else None

@@ -47,7 +47,9 @@ class DemoConfig:
     themes: tuple[str, ...] = DEFAULT_THEMES
     quick: bool = False
     device: str = "cpu"
-    dtype: str = "float32"
+    # auto: bf16 (the dtype the starter SAEs are trained in) on a GPU and on CPUs where bf16
+    # products are fast, fp32 elsewhere; the analysis commands keep fp32 by default
+    dtype: str = "auto"
     # flow-graph thresholds: the paper's (the retrained starter suite's seed graphs span
     # 19-30 layers at 0.5 / 0.15, docs/steering.md)
     res_threshold: float = RES_THRESHOLD
@@ -103,6 +105,17 @@ class DemoConfig:
                                      top_k=2, min_fires=1)
         starts = (layers[len(layers) // 6], layers[len(layers) // 2])
         return PersistenceConfig(starts=starts, max_distance=8, n_features=32, top_k=2)
+
+
+def model_dtype(dtype: str, device: str) -> str:
+    """``auto``: bfloat16 on a GPU or where the CPU multiplies bf16 at least
+    ``compute.BF16_THRESHOLD`` times faster than fp32 (AVX512-BF16, AMX), else float32."""
+    if dtype != "auto":
+        return dtype
+    if device != "cpu" and not device.startswith("cpu"):
+        return "bfloat16"
+    from saeflow.compute import bf16_is_fast
+    return "bfloat16" if bf16_is_fast(576, 1536) else "float32"
 
 
 class Stages:
@@ -293,7 +306,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     with stage("suite"):
         spec = _suite_spec(cfg)
         suite = load_suite(spec, model=cfg.model)  # trains the starter suite on first use
-        lm = suite.load_model(device=cfg.device, dtype=cfg.dtype)
+        lm = suite.load_model(device=cfg.device, dtype=model_dtype(cfg.dtype, cfg.device))
+        print(f"model weights: {str(lm.dtype).replace('torch.', '')}")
 
     with stage("atlas"):
         print("\n== atlas: data-free matching and lineage of every residual feature")

@@ -182,7 +182,9 @@ def _open_state(out: Path, theme, cfg, setup, rescore, topic, coherence) -> dict
     if not out.exists():
         return state
     old = json.loads(out.read_text())
-    if old.get("config") != cfg_json or old.get("setup", {}).get("seed") != setup.get("seed"):
+    was = old.get("setup", {})
+    if old.get("config") != cfg_json or was.get("seed") != setup.get("seed") or \
+            was.get("model", setup.get("model")) != setup.get("model"):  # (older: no model)
         raise ValueError(f"{out} holds a sweep with other settings; delete it or choose another "
                          "--out")
     if old.get("scorer") != SCORER_VERSION and not rescore:

@@ -323,6 +323,8 @@ def test_checkpoint_resumes_without_recomputing(planted, tmp_path, monkeypatch):
     monkeypatch.setattr(d, "_run_layer", boom)
     again = run_deactivation(lm, suite, ids, None, cfg, checkpoint_dir=tmp_path, progress=False)
     assert again.pairs == first.pairs
+    assert d._fingerprint(cfg, L, suite, ids, None, torch.float32) != \
+        d._fingerprint(cfg, L, suite, ids, None, torch.bfloat16)  # another dtype is redone
 
 
 def test_command_writes_tables_and_plots(tmp_path, capsys):

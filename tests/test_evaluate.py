@@ -178,7 +178,7 @@ def test_sweep_selects_on_some_prompts_and_seeds_and_reports_on_others(lm, tmp_p
     suite, topic, coherence, cfg = _sweep_setup(lm)
     assert len(cells(cfg)) == 2 + 3 * 2 * 2  # single, cumulative and cumulative_norm cells
     out = tmp_path / "weddings" / "results.json"
-    setup = {"seed": str(GRAPH.seed)}
+    setup = {"seed": str(GRAPH.seed), "model": "tiny float32"}
     res = run_sweep(lm, suite, "weddings", GRAPH, cfg, out, topic, coherence, setup=setup)
     assert [r.cell for r in res[:3]] == ["unsteered", "prompting", "single/1/0.5"]
     assert all(r.n == 4 and len(r.generations) == 4 for r in res)
@@ -296,6 +296,9 @@ def test_sweep_selects_on_some_prompts_and_seeds_and_reports_on_others(lm, tmp_p
     with pytest.raises(ValueError, match="other settings"):
         run_sweep(lm, suite, "weddings", GRAPH, SweepConfig(layers=(3,)), out, topic, coherence,
                   setup=setup)
+    with pytest.raises(ValueError, match="other settings"):  # the same sweep, another dtype
+        run_sweep(lm, suite, "weddings", GRAPH, cfg, out, topic, coherence,
+                  setup={**setup, "model": "tiny bfloat16"})
 
 
 def test_added_norm_sums_site_vectors():

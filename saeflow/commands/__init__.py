@@ -9,11 +9,13 @@ import argparse
 import dataclasses
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Options every command that runs a model takes."""
+def add_model_args(p: argparse.ArgumentParser, dtype_help: str | None = None) -> None:
+    """Options every command that runs a model takes; with ``dtype_help``, ``--dtype`` also
+    takes ``auto`` and defaults to it (the command resolves it)."""
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="model weights dtype (default float32)")
+    p.add_argument("--dtype", default="auto" if dtype_help else "float32",
+                   choices=(["auto"] if dtype_help else []) + ["float32", "bfloat16", "float16"],
+                   help=dtype_help or "model weights dtype (default float32)")
     p.add_argument("--model", default=None,
                    help="override the suite's model: a preset (smollm2, gemma3-270m), a folder, "
                         "a .gguf file or a hub id")

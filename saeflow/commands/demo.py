@@ -26,7 +26,9 @@ def add(subparsers) -> None:
                         "the paper's)")
     p.add_argument("--block-threshold", type=float, default=d.block_threshold,
                    help="flow graphs: drop MLP/attention nodes below this cosine (%(default)s)")
-    add_model_args(p)
+    add_model_args(p, dtype_help="model weights dtype (default auto: bfloat16, the dtype the "
+                                  "starter SAEs are trained in, where bf16 products are fast; "
+                                  "else float32)")
     p.set_defaults(func=run)
 
 

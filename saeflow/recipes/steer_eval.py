@@ -181,6 +181,7 @@ def setup_theme(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, descri
         raise ValueError(f"--layers {','.join(map(str, layers))}: the flow graph of {seed} "
                          f"({description}) has features only at layers {have}")
     info = {"seed": str(seed), "seed_label": atlas.label(seed),
+            "model": f"{lm.name} {str(lm.dtype).replace('torch.', '')}",
             "ranked": [r.evidence() for r in ranked],
             "seed_evidence": next((r.evidence() for r in ranked if r.feature == seed), None),
             "theme_split": {"seed_texts": len(seed_half.texts),
