@@ -108,14 +108,17 @@ class DemoConfig:
 
 
 def model_dtype(dtype: str, device: str) -> str:
-    """``auto``: bfloat16 on a GPU or where the CPU multiplies bf16 at least
-    ``compute.BF16_THRESHOLD`` times faster than fp32 (AVX512-BF16, AMX), else float32."""
+    """``auto``: bfloat16 on a CUDA GPU, and on the CPU where bf16 products run at least
+    ``compute.BF16_THRESHOLD`` times faster than fp32 (AVX512-BF16, AMX); else float32."""
     if dtype != "auto":
         return dtype
-    if device != "cpu" and not device.startswith("cpu"):
+    import torch
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return "bfloat16"
+    if device not in ("cpu", "auto"):
+        return "float32"
     from saeflow.compute import bf16_is_fast
-    return "bfloat16" if bf16_is_fast(576, 1536) else "float32"
+    return "bfloat16" if bf16_is_fast() else "float32"
 
 
 class Stages:

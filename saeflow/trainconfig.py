@@ -135,7 +135,8 @@ class Profile:
 
 
 PROFILES = {p.name: p for p in (
-    Profile("starter", STARTER_CONFIG, "about 20 minutes on 2 free CPU cores"),
+    Profile("starter", STARTER_CONFIG, "about 20 minutes on 2 free CPU cores (16-18 of "
+                                       "training, then the quality table)"),
     Profile("standard", STANDARD_CONFIG, "about 70 minutes on 2 free CPU cores"),
     Profile("gpu", GPU_CONFIG, "for a CUDA GPU (--device cuda); not timed here", device="cuda"),
 )}

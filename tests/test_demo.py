@@ -220,7 +220,8 @@ def test_stage_times_add_up_wall_and_cpu():
 def test_demo_dtype_auto_follows_the_hardware(monkeypatch):
     import saeflow.compute
     from saeflow.demo import model_dtype
-    assert model_dtype("float32", "cpu") == "float32" and model_dtype("auto", "cuda") == "bfloat16"
+    assert model_dtype("float32", "cpu") == "float32" and model_dtype("auto", "cuda:1") == "bfloat16"
+    assert model_dtype("auto", "mps") == "float32"
     for fast, want in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(saeflow.compute, "bf16_is_fast", lambda *a, fast=fast: fast)
         assert model_dtype("auto", "cpu") == want
