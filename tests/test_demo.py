@@ -225,4 +225,3 @@ def test_demo_dtype_auto_follows_the_hardware(monkeypatch):
     for fast, want in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(saeflow.compute, "bf16_is_fast", lambda *a, fast=fast: fast)
         assert model_dtype("auto", "cpu") == want
-
