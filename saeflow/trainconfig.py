@@ -108,7 +108,7 @@ STARTER_CONFIG = TrainConfig(tokens=300_000, batch_tokens=2048, sae_batch=256, r
 # Every train-split token of the bundled corpus (~1.99M) through the model, 512-row steps, each
 # row used 0.75 times on average (2,916 steps per SAE: 1.65x the starter's steps on 3.3x its
 # rows), sized to about an hour by the idle benchmark's per-step costs; measured at about
-# 70 minutes on 2 free cores (docs/training.md).
+# 65 minutes on 2 free cores on the compiled step, 57 of them training (docs/training.md).
 STANDARD_CONFIG = dataclasses.replace(STARTER_CONFIG, tokens=1_990_000, sae_batch=512,
                                       reuse=0.75, buffer_tokens=16_384)
 # For a GPU: 50M tokens (the corpus repeated), large model batches, 4,096-row steps.
@@ -137,7 +137,7 @@ class Profile:
 PROFILES = {p.name: p for p in (
     Profile("starter", STARTER_CONFIG, "about 20 minutes on 2 free CPU cores (16-18 of "
                                        "training, then the quality table)"),
-    Profile("standard", STANDARD_CONFIG, "about 70 minutes on 2 free CPU cores"),
+    Profile("standard", STANDARD_CONFIG, "about 65 minutes on 2 free CPU cores"),
     Profile("gpu", GPU_CONFIG, "for a CUDA GPU (--device cuda); not timed here", device="cuda"),
 )}
 
