@@ -112,11 +112,10 @@ def model_dtype(dtype: str, device: str) -> str:
     ``compute.BF16_THRESHOLD`` times faster than fp32 (AVX512-BF16, AMX); else float32."""
     if dtype != "auto":
         return dtype
-    import torch
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        return "bfloat16"
-    if device not in ("cpu", "auto"):
-        return "float32"
+    from saeflow.models import resolve_device
+    kind = resolve_device(device).type
+    if kind != "cpu":
+        return "bfloat16" if kind == "cuda" else "float32"
     from saeflow.compute import bf16_is_fast
     return "bfloat16" if bf16_is_fast() else "float32"
 
@@ -295,6 +294,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from saeflow.catalog import load_suite
     from saeflow.io import write_json_atomic
     from saeflow.lineage import fraction_table, plot_fractions
+    from saeflow.models import dtype_name
     from saeflow.recipes.atlas import AtlasOptions, build_atlas
     from saeflow.recipes.deactivation import (format_table, run_deactivation_check,
                                               save_deactivation)
@@ -310,7 +310,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         spec = _suite_spec(cfg)
         suite = load_suite(spec, model=cfg.model)  # trains the starter suite on first use
         lm = suite.load_model(device=cfg.device, dtype=model_dtype(cfg.dtype, cfg.device))
-        print(f"model weights: {str(lm.dtype).replace('torch.', '')}")
+        print(f"model weights: {dtype_name(lm.dtype)}")
 
     with stage("atlas"):
         print("\n== atlas: data-free matching and lineage of every residual feature")

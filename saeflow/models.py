@@ -176,6 +176,11 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16`` for ``torch.bfloat16``: how files and messages name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -339,6 +344,6 @@ def lm_from_model(model: nn.Module, tokenizer=None, name: str = "model") -> LM:
 
 def model_info(lm: LM) -> dict:
     return {"name": lm.name, "model_type": lm.config.model_type, "n_layers": lm.n_layers,
-            "d_model": lm.d_model, "dtype": str(lm.dtype).replace("torch.", ""),
+            "d_model": lm.d_model, "dtype": dtype_name(lm.dtype),
             "device": str(lm.device)}
 

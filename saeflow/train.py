@@ -37,6 +37,7 @@ import torch
 
 from saeflow.hooks import SiteTaps
 from saeflow.io import file_lock, save_checkpoint, write_json_atomic
+from saeflow.models import dtype_name
 from saeflow.sae import SAE
 from saeflow.sites import Site, parse_sites
 from saeflow.suite import SUITE_JSON
@@ -222,7 +223,7 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
     bar.close()
     saes = _write_saes(lm, trainers, cfg, out_dir, spec)
     timing = {"elapsed": elapsed, "cpu": cpu,
-              "matmul_dtype": str(mm_dtype).replace("torch.", ""),
+              "matmul_dtype": dtype_name(mm_dtype),
               "kernels": "numba" if next(iter(trainers.values()))[1].compiled else "torch"}
     write_json_atomic(out_dir / TRAINED, {"settings": _settings(cfg), **timing,
                                           "sites": [str(s) for s in sites]})
@@ -261,7 +262,7 @@ def _write_saes(lm, trainers: dict, cfg: TrainConfig, out_dir: Path,
         meta = {"saeflow_training": {**_settings(cfg), "trained_tokens": t.tokens,
                                      "steps": t.steps, "init_seed": t.seed,
                                      "input_scale": t.scale, "outlier_max_norm": t.max_norm,
-                                     "model_dtype": str(lm.dtype).replace("torch.", ""),
+                                     "model_dtype": dtype_name(lm.dtype),
                                      "model_spec": model_spec},
                 "decoder_rows": "norm = 1/input_scale (unit norm in the training space)"}
         sae = t.sae(s, meta)
@@ -312,7 +313,7 @@ def _finish(lm, saes: dict[Site, SAE], cfg: TrainConfig, out_dir: Path, model_sp
                          "cpu_seconds_per_1k_tokens": round(1000 * cpu / max(tokens, 1), 2),
                          "encoder_matmul_dtype": timing.get("matmul_dtype"),
                          "step_kernels": timing.get("kernels"),
-                         "model_dtype": str(lm.dtype).replace("torch.", "")},
+                         "model_dtype": dtype_name(lm.dtype)},
             "quality": quality.rows_to_json(rows), "quality_summary": quality.summarize(rows),
             "convergence": conv}
     write_json_atomic(out_dir / SUITE_JSON, info)

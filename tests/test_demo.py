@@ -218,10 +218,15 @@ def test_stage_times_add_up_wall_and_cpu():
 
 
 def test_demo_dtype_auto_follows_the_hardware(monkeypatch):
+    import torch
+
     import saeflow.compute
     from saeflow.demo import model_dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine's answers
     assert model_dtype("float32", "cpu") == "float32" and model_dtype("auto", "cuda:1") == "bfloat16"
     assert model_dtype("auto", "mps") == "float32"
+    assert model_dtype("auto", "auto") == "bfloat16"  # auto picks the GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for fast, want in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(saeflow.compute, "bf16_is_fast", lambda *a, fast=fast: fast)
-        assert model_dtype("auto", "cpu") == want
+        assert model_dtype("auto", "cpu") == want and model_dtype("auto", "auto") == want

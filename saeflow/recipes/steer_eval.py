@@ -153,6 +153,7 @@ def setup_theme(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, descri
     ``memo`` keeps the ranking's statistics, the magnitudes and the calibrations (a re-run
     computes none of them again while their inputs are unchanged)."""
     from saeflow.evaluate import calibrate_coherence, calibrate_topic
+    from saeflow.models import dtype_name
     from saeflow.steer import graph_features
     from saeflow.themes import build_theme, rank_features, split_theme
     opts = cfg.plan
@@ -181,7 +182,7 @@ def setup_theme(cfg: SteerEvalConfig, suite: Suite, lm: LM, atlas: Atlas, descri
         raise ValueError(f"--layers {','.join(map(str, layers))}: the flow graph of {seed} "
                          f"({description}) has features only at layers {have}")
     info = {"seed": str(seed), "seed_label": atlas.label(seed),
-            "model": f"{lm.name} {str(lm.dtype).replace('torch.', '')}",
+            "model": f"{lm.name} {dtype_name(lm.dtype)}",
             "ranked": [r.evidence() for r in ranked],
             "seed_evidence": next((r.evidence() for r in ranked if r.feature == seed), None),
             "theme_split": {"seed_texts": len(seed_half.texts),
