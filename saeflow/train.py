@@ -67,6 +67,33 @@ def _single_threaded_ops():
         torch.set_num_threads(prev)
 
 
+@contextmanager
+def _stop_requests():
+    """While training runs in the main thread, a first Ctrl-C (SIGINT) or a SIGTERM only asks
+    to stop: the loop writes a checkpoint at the next forward boundary and then raises
+    ``KeyboardInterrupt``. A second Ctrl-C stops at once. Yields the list of signals received."""
+    import signal
+    import threading
+    asked: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield asked  # signals are only delivered to the main thread
+        return
+
+    def ask(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        print("\nsaeflow: stopping after this forward to write a checkpoint (Ctrl-C again to "
+              "stop at once and resume from the last one)", flush=True)
+
+    old = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def _settings(cfg: TrainConfig) -> dict:
     return {f: getattr(cfg, f) for f in RESULT_FIELDS}
 
@@ -197,8 +224,8 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
     tune_malloc()
     saved_at = time.perf_counter()  # the last checkpoint (or the start of this process's run)
     with _single_threaded_ops(), taps.installed(), \
-            ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        while step < cfg.forwards:
+            ThreadPoolExecutor(max_workers=cfg.workers) as pool, _stop_requests() as stop:
+        while step < cfg.forwards and not stop:
             t0, c0 = time.perf_counter(), time.process_time()
             ids = next(batches)
             parts = list(pool.map(forward, ids.chunk(min(cfg.workers, ids.shape[0]))))
@@ -220,7 +247,13 @@ def train_suite(lm, sites, cfg: TrainConfig = STARTER_CONFIG, out_dir: str | Pat
             bar.set_postfix(post, refresh=False)
             if on_step is not None:
                 on_step(step)
+        if stop and step > 0:
+            checkpoint()
     bar.close()
+    if stop:
+        print(f"saeflow: checkpoint written at forward {step}/{cfg.forwards} in {ckpt}; the "
+              "same command resumes from it", flush=True)
+        raise KeyboardInterrupt
     saes = _write_saes(lm, trainers, cfg, out_dir, spec)
     timing = {"elapsed": elapsed, "cpu": cpu,
               "matmul_dtype": dtype_name(mm_dtype),

@@ -34,7 +34,8 @@ class TrainConfig:
     workers: int = 2
     checkpoint_every: int = 100  # model forwards
     # and at least this many minutes of training since the last checkpoint (0: forwards alone);
-    # a checkpoint costs 12-40 s on a 2-core machine with a ~110 MB/s disk (docs/training.md)
+    # a checkpoint costs 12-60 s on a 2-core machine with a ~110 MB/s disk (docs/training.md);
+    # Ctrl-C or SIGTERM writes one at the next forward whatever these say
     checkpoint_minutes: float = 0.0
     eval_tokens: int = 8192  # quality: tokens for FVU, L0, dead (0 skips the evaluation)
     eval_loss_tokens: int = 1024  # quality: tokens for loss recovered
@@ -100,10 +101,11 @@ RESULT_FIELDS = ("width", "k", "tokens", "batch_tokens", "seq_len", "sae_batch",
 # The starter: 300k tokens through a per-site shuffle buffer, 256-row Adam steps, each token
 # used 1.5 times (1,764 steps per SAE; the old recipe took 293). Adam steps, not rows, were what
 # mattered in bench/train_recipes.py (docs/training.md, "Recipe experiments").
-# A checkpoint after every 10 minutes of training: a kill loses at most that much, and the
-# writes (3.8 GB here) cost one pause instead of five.
+# A checkpoint after every 30 minutes of training (each costs 40-60 s here: 3.8-4.7 GB at
+# ~110 MB/s, docs/training.md), so the starter writes none and `standard` one; Ctrl-C or a
+# SIGTERM writes one at the next forward, so only a hard kill loses up to half an hour.
 STARTER_CONFIG = TrainConfig(tokens=300_000, batch_tokens=2048, sae_batch=256, reuse=1.5,
-                             buffer_tokens=8192, checkpoint_every=1, checkpoint_minutes=10,
+                             buffer_tokens=8192, checkpoint_every=1, checkpoint_minutes=30,
                              seed_sites="6/res,12/res,18/res")
 # Every train-split token of the bundled corpus (~1.99M) through the model, 512-row steps, each
 # row used 0.75 times on average (2,916 steps per SAE: 1.65x the starter's steps on 3.3x its

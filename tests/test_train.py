@@ -183,6 +183,39 @@ def test_suite_training_resume_after_kill_is_bitwise_identical(tmp_path, buffere
     assert sae.metadata["saeflow_training"]["width"] == 64
 
 
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_writes_a_checkpoint_at_the_next_forward(tmp_path, signals):
+    """One Ctrl-C (or SIGTERM) stops training at the next forward boundary with a checkpoint
+    there, from which the run resumes bitwise; a second Ctrl-C stops at once, and the run then
+    resumes from the last periodic checkpoint."""
+    import os
+    import signal
+    source = text_file(tmp_path)
+    cfg = TrainConfig(width=64, k=4, tokens=8 * 128, batch_tokens=128, seq_len=32, lr=3e-3,
+                      warmup_steps=2, k_aux=8, dead_tokens=64, source=source,
+                      checkpoint_every=3, eval_tokens=0, buffer_tokens=300, sae_batch=48,
+                      reuse=2.0)
+    sites = "0/res,2/att"
+    full = train_suite(tiny_lm(), sites, cfg, tmp_path / "full", progress=False)
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupt(step):
+        if step == 5:
+            for sig in (signal.SIGTERM, signal.SIGINT)[:signals]:
+                os.kill(os.getpid(), sig)
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train_suite(tiny_lm(), sites, cfg, cut, progress=False, on_step=interrupt)
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
+    assert torch.load(cut / CHECKPOINT, weights_only=False)["step"] == (5 if signals == 1 else 3)
+    train_suite(tiny_lm(), sites, cfg, cut, progress=False)
+    a, b = _weights(full), _weights(cut)
+    for name in a:
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert torch.equal(getattr(a[name], key), getattr(b[name], key)), (name, key)
+
+
 def test_saved_sae_works_on_raw_activations(tmp_path):
     """The input scale is folded into the files: the loaded SAE maps raw activations exactly as
     the trainer maps scaled ones (up to the scale)."""
