@@ -109,8 +109,9 @@ STARTER_CONFIG = TrainConfig(tokens=300_000, batch_tokens=2048, sae_batch=256, r
                              seed_sites="6/res,12/res,18/res")
 # Every train-split token of the bundled corpus (~1.99M) through the model, 512-row steps, each
 # row used 0.75 times on average (2,916 steps per SAE: 1.65x the starter's steps on 3.3x its
-# rows), sized to about an hour by the idle benchmark's per-step costs; measured at about
-# 65 minutes on 2 free cores on the compiled step, 57 of them training (docs/training.md).
+# rows), sized to about an hour by the idle benchmark's per-step costs; measured at 51 minutes
+# for the command on 2 free cores (47.5 of training, one checkpoint) and estimated at about 61
+# on a slower day of this machine (docs/training.md).
 STANDARD_CONFIG = dataclasses.replace(STARTER_CONFIG, tokens=1_990_000, sae_batch=512,
                                       reuse=0.75, buffer_tokens=16_384)
 # For a GPU: 50M tokens (the corpus repeated), large model batches, 4,096-row steps.
@@ -137,9 +138,9 @@ class Profile:
 
 
 PROFILES = {p.name: p for p in (
-    Profile("starter", STARTER_CONFIG, "about 20 minutes on 2 free CPU cores (16-18 of "
-                                       "training, then the quality table)"),
-    Profile("standard", STANDARD_CONFIG, "about 65 minutes on 2 free CPU cores"),
+    Profile("starter", STARTER_CONFIG, "about 17-20 minutes on 2 free CPU cores (15-18 "
+                                       "of training, then the quality table)"),
+    Profile("standard", STANDARD_CONFIG, "about 50-60 minutes on 2 free CPU cores"),
     Profile("gpu", GPU_CONFIG, "for a CUDA GPU (--device cuda); not timed here", device="cuda"),
 )}
 
