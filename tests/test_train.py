@@ -140,6 +140,14 @@ def _weights(folder):
     return {p.name: load_sae(p) for p in sorted(folder.iterdir()) if (p / "cfg.json").exists()}
 
 
+def _assert_same_weights(a: dict, b: dict) -> None:
+    """Two runs' SAEs (``_weights``) are the same sites with bitwise equal weights."""
+    assert sorted(a) == sorted(b)
+    for name in a:
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert torch.equal(getattr(a[name], key), getattr(b[name], key)), (name, key)
+
+
 @pytest.mark.parametrize("buffered", [False, True])
 def test_suite_training_resume_after_kill_is_bitwise_identical(tmp_path, buffered):
     source = text_file(tmp_path)
@@ -168,10 +176,8 @@ def test_suite_training_resume_after_kill_is_bitwise_identical(tmp_path, buffere
     train_suite(tiny_lm(), sites, cfg, cut, progress=False)
     assert not (cut / CHECKPOINT).exists()
     a, b = _weights(full), _weights(cut)
-    assert sorted(a) == ["0-res", "1-mlp", "1-res", "2-att"] == sorted(b)
-    for name in a:
-        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            assert torch.equal(getattr(a[name], key), getattr(b[name], key)), (name, key)
+    assert sorted(a) == ["0-res", "1-mlp", "1-res", "2-att"]
+    _assert_same_weights(a, b)
 
     # the folder is a suite: suite.json names the sites, quality rows exist, SAEs reopen
     info = json.loads((full / "suite.json").read_text())
@@ -210,10 +216,7 @@ def test_ctrl_c_writes_a_checkpoint_at_the_next_forward(tmp_path, signals):
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
     assert torch.load(cut / CHECKPOINT, weights_only=False)["step"] == (5 if signals == 1 else 3)
     train_suite(tiny_lm(), sites, cfg, cut, progress=False)
-    a, b = _weights(full), _weights(cut)
-    for name in a:
-        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            assert torch.equal(getattr(a[name], key), getattr(b[name], key)), (name, key)
+    _assert_same_weights(_weights(full), _weights(cut))
 
 
 def test_saved_sae_works_on_raw_activations(tmp_path):
