@@ -5,7 +5,8 @@
     python bench/bench_train.py --width 4608 --batch 4096 --threads 2
 
 Part 1 measures this CPU's bf16 and fp32 GEMM peak on the encoder's own shape and the floor it
-implies (the encoder's dense ``[B, d] x [d, F]`` product, 2 d F FLOP per row, at the bf16 peak),
+implies (the encoder's dense ``[B, d] x [d, F]`` product, 2 d F FLOP per row, at the peak of
+the dtype training runs it in here: bf16 where bf16 products are fast, fp32 elsewhere),
 then trains one SAE on the same synthetic batches with: (a) the textbook implementation (dense
 fp32 encoder and decoder, top-k scattered into a dense code, autograd, torch Adam); (b) saeflow's
 sparse kernels in torch with glibc's default allocator, what training first ran (every
@@ -31,6 +32,8 @@ import time
 
 import torch
 
+from saeflow.compute import bf16_is_fast, model_dtype
+from saeflow.models import dtype_name
 from saeflow.topk import (TopKParams, TopKTrainer, dense_topk_loss, init_params,
                           normalize_rows_, project_decoder_grad, tune_malloc)
 
@@ -103,17 +106,22 @@ def bench_kernels(args) -> None:
     d, F, k, B = args.d, args.width, args.k, args.batch
     batches = synthetic_batches(d, args.steps + 2, B)
     bf16, fp32 = gemm_peak(B, d, F, torch.bfloat16), gemm_peak(B, d, F, torch.float32)
-    floor = bf16 * 1e9 / (2 * d * F)
+    # the encoder runs in the dtype training picks here (bf16 only where it is fast), and the
+    # floor is that dtype's peak
+    mm = torch.bfloat16 if bf16_is_fast(d, F) else torch.float32
+    name = dtype_name(mm)
+    floor = (bf16 if mm == torch.bfloat16 else fp32) * 1e9 / (2 * d * F)
     print(f"\nPer-SAE training throughput (d={d}, width={F}, k={k}, batch={B}, "
-          f"{args.steps} timed steps, {torch.get_num_threads()} intra-op thread(s))")
+          f"{args.steps} timed steps, {torch.get_num_threads()} intra-op thread(s), "
+          f"encoder in {name})")
     print(f"GEMM peak on the encoder's shape: bf16 {bf16:.0f} GFLOP/s, fp32 {fp32:.0f} GFLOP/s; "
-          f"floor (encoder product alone at the bf16 peak): {floor:,.0f} rows/s")
+          f"floor (encoder product alone at the {name} peak): {floor:,.0f} rows/s")
     rows = []
     dense = DenseTopK(d, F, k)
     rows.append(("textbook dense autograd (fp32)", *time_steps(dense.step, batches)))
 
     def sparse(name, rows_per_step, kernels="torch"):
-        t = TopKTrainer(d, F, k, k_aux=2 * k, matmul_dtype=torch.bfloat16, kernels=kernels)
+        t = TopKTrainer(d, F, k, k_aux=2 * k, matmul_dtype=mm, kernels=kernels)
         t.scale = 1.0
         t.max_norm = float("inf")
         mb = [x[i:i + rows_per_step] for x in batches for i in range(0, B, rows_per_step)]
@@ -163,7 +171,7 @@ def bench_suite(args) -> None:
     from saeflow.hooks import SiteTaps
     from saeflow.models import load_model
     from saeflow.sites import parse_sites
-    lm = load_model("smollm2", dtype="bfloat16")
+    lm = load_model("smollm2", dtype=model_dtype("auto", "cpu"))  # as saeflow train loads it
     sites = parse_sites(args.sites, lm.n_layers)
     new = dataclasses.replace(train.STARTER_CONFIG, tokens=args.suite_tokens, eval_tokens=0,
                               checkpoint_every=10**9, seed_sites="")

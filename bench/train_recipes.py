@@ -151,6 +151,7 @@ def top1(A, B) -> torch.Tensor:
 
 
 def run(args) -> list[dict]:
+    from saeflow.compute import model_dtype
     from saeflow.models import load_model
     sites = [Site.parse(s) for s in args.sites.split(",")]
     unknown = [n for n in args.variants.split(",") if n not in VARIANTS]
@@ -159,7 +160,7 @@ def run(args) -> list[dict]:
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     tune_malloc()
-    lm = load_model("smollm2", dtype="bfloat16")
+    lm = load_model("smollm2", dtype=model_dtype("auto", "cpu"))  # as saeflow train loads it
     t0 = time.perf_counter()
     key = (args.sites, args.tokens, args.batch_tokens, args.heldout_tokens)
     cached = torch.load(args.cache, weights_only=False) if args.cache and \

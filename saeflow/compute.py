@@ -7,7 +7,7 @@ else its EOS token, else 0.
 
 Whether bf16 matmuls pay on this machine: one measurement and one threshold for every module
 that may use them (the TopK trainer's encoder, the blocked cosine top-k of matching and the
-atlas).
+atlas), and the model dtype ``auto`` resolves to (``model_dtype``: training and the demo).
 
 ``bf16_speedup(d, n)`` times a ``[1024, d] @ [d, n]`` product in fp32 and in bf16 (best of
 three each, once per shape and process); ``bf16_is_fast`` says whether it reaches
@@ -50,6 +50,20 @@ def bf16_speedup(d: int = 1024, n: int = 1024) -> float:
 def bf16_is_fast(d: int = 1024, n: int = 1024) -> bool:
     """True when bf16 products of this shape run ``BF16_THRESHOLD`` times faster than fp32."""
     return bf16_speedup(d, n) >= BF16_THRESHOLD
+
+
+def model_dtype(dtype: str, device: str | None) -> str:
+    """``dtype``, with ``auto`` resolved: bfloat16 on a CUDA GPU, and on the CPU where bf16
+    products run at least ``BF16_THRESHOLD`` times faster than fp32 (AVX512-BF16, AMX);
+    float32 elsewhere. Without native bf16 (AVX2 alone) a bf16 model runs several times slower
+    than in fp32."""
+    if dtype != "auto":
+        return dtype
+    from saeflow.models import resolve_device
+    kind = resolve_device(device).type
+    if kind != "cpu":
+        return "bfloat16" if kind == "cuda" else "float32"
+    return "bfloat16" if bf16_is_fast() else "float32"
 
 
 def pad_id(tokenizer) -> int:

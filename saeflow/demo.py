@@ -47,8 +47,8 @@ class DemoConfig:
     themes: tuple[str, ...] = DEFAULT_THEMES
     quick: bool = False
     device: str = "cpu"
-    # auto: bf16 (the dtype the starter SAEs are trained in) on a GPU and on CPUs where bf16
-    # products are fast, fp32 elsewhere; the analysis commands keep fp32 by default
+    # auto (compute.model_dtype): bf16 on a GPU and on CPUs where bf16 products are fast, fp32
+    # elsewhere, the rule the starter suite is trained with; the analysis commands keep fp32
     dtype: str = "auto"
     # flow-graph thresholds: the paper's (the retrained starter suite's seed graphs span
     # 19-30 layers at 0.5 / 0.15, docs/steering.md)
@@ -105,19 +105,6 @@ class DemoConfig:
                                      top_k=2, min_fires=1)
         starts = (layers[len(layers) // 6], layers[len(layers) // 2])
         return PersistenceConfig(starts=starts, max_distance=8, n_features=32, top_k=2)
-
-
-def model_dtype(dtype: str, device: str) -> str:
-    """``auto``: bfloat16 on a CUDA GPU, and on the CPU where bf16 products run at least
-    ``compute.BF16_THRESHOLD`` times faster than fp32 (AVX512-BF16, AMX); else float32."""
-    if dtype != "auto":
-        return dtype
-    from saeflow.models import resolve_device
-    kind = resolve_device(device).type
-    if kind != "cpu":
-        return "bfloat16" if kind == "cuda" else "float32"
-    from saeflow.compute import bf16_is_fast
-    return "bfloat16" if bf16_is_fast() else "float32"
 
 
 class Stages:
@@ -309,6 +296,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     with stage("suite"):
         spec = _suite_spec(cfg)
         suite = load_suite(spec, model=cfg.model)  # trains the starter suite on first use
+        from saeflow.compute import model_dtype
         lm = suite.load_model(device=cfg.device, dtype=model_dtype(cfg.dtype, cfg.device))
         print(f"model weights: {dtype_name(lm.dtype)}")
 

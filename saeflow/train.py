@@ -369,9 +369,12 @@ def _stale(folder: Path, cfg: TrainConfig) -> list[str]:
 
 
 def ensure_trained(folder: Path, sites, cfg: TrainConfig, model_spec: str = "smollm2",
-                   device: str = "cpu", dtype: str = "bfloat16", name: str | None = None,
+                   device: str = "cpu", dtype: str = "auto", name: str | None = None,
                    resume: bool = True, progress: bool = True) -> Path:
-    """Train a suite into ``folder`` unless it is already complete there (process-safe)."""
+    """Train a suite into ``folder`` unless it is already complete there (process-safe), on
+    the activations of the model in ``dtype`` (``auto``: ``compute.model_dtype``, bf16 where
+    bf16 products are fast, else fp32)."""
+    from saeflow.compute import model_dtype
     from saeflow.models import load_model
     folder = Path(folder)
     if is_complete(folder):
@@ -380,7 +383,7 @@ def ensure_trained(folder: Path, sites, cfg: TrainConfig, model_spec: str = "smo
                    waiting=f"another process is training {folder}; waiting for it to finish"):
         if is_complete(folder):  # another process finished it while we waited
             return folder
-        lm = load_model(model_spec, device=device, dtype=dtype)
+        lm = load_model(model_spec, device=device, dtype=model_dtype(dtype, device))
         return train_suite(lm, sites, cfg, folder, model_spec=model_spec, name=name,
                            resume=resume, progress=progress)
 

@@ -221,7 +221,7 @@ def test_demo_dtype_auto_follows_the_hardware(monkeypatch):
     import torch
 
     import saeflow.compute
-    from saeflow.demo import model_dtype
+    from saeflow.compute import model_dtype
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine's answers
     assert model_dtype("float32", "cpu") == "float32" and model_dtype("auto", "cuda:1") == "bfloat16"
     assert model_dtype("auto", "mps") == "float32"

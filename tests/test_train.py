@@ -373,6 +373,33 @@ def test_cli_trains_a_small_real_suite(tmp_path, capsys):
     assert "med FVU" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_training_loads_the_model_in_the_machines_dtype(tmp_path, monkeypatch, fast):
+    """``saeflow train``'s default dtype (auto) loads the model in bf16 only where bf16
+    products are fast: without native bf16 (AVX2 alone) a bf16 model runs several times
+    slower than in fp32. An explicit dtype is kept."""
+    import saeflow.compute
+    import saeflow.models
+    from saeflow.recipes.training import train
+
+    class Loaded(Exception):
+        pass
+
+    asked = []
+
+    def fake_load(spec, device=None, dtype="float32"):
+        asked.append(dtype)
+        raise Loaded
+
+    monkeypatch.setattr(saeflow.compute, "bf16_is_fast", lambda *a: fast)
+    monkeypatch.setattr(saeflow.models, "load_model", fake_load)
+    for dtype in ("auto", "float32"):
+        with pytest.raises(Loaded):
+            train("starter", "0/res", {"tokens": 1000}, dtype=dtype,
+                  out=str(tmp_path / dtype), log=lambda *a: None)
+    assert asked == ["bfloat16" if fast else "float32", "float32"]
+
+
 def test_no_two_sites_start_from_correlated_weights():
     """Nothing couples the sites: every pair of trainers starts from weights no more alike
     than two independently drawn random dictionaries (the median top-1 |cosine| between their

@@ -17,8 +17,10 @@ def add(subparsers) -> None:
                     "convergence diagnostics from the weights (rows' cosine to their init, "
                     "cross-seed stability, adjacent-layer matching). Prints a table; "
                     "for a suite folder also updates suite.json, quality.csv and quality.png.")
-    add_model_args(p)
-    p.set_defaults(dtype="bfloat16", func=run)
+    add_model_args(p, dtype_help="model weights dtype (default auto: bfloat16 on a GPU and on "
+                                  "CPUs with fast bf16 products, float32 elsewhere, as "
+                                  "saeflow train chooses)")
+    p.set_defaults(func=run)
     p.add_argument("suite", help="a suite folder, spec file, preset or 'starter'")
     p.add_argument("--sites", default=None, help="only these sites (e.g. 0-3/res,12/mlp)")
     p.add_argument("--tokens", type=int, default=d.tokens,
@@ -44,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
     if args.cached:
         rows, report, saved = stored_quality(suite)
     else:
-        lm = suite.load_model(device=args.device, dtype=args.dtype)
+        from saeflow.compute import model_dtype
+        dtype = model_dtype(args.dtype, args.device)
+        lm = suite.load_model(device=args.device, dtype=dtype)
         rows, report, saved = run_quality(suite, lm, from_args(QualityOptions, args), args.sites,
-                                          not args.no_save, args.dtype, not args.quiet)
+                                          not args.no_save, dtype, not args.quiet)
     print(quality.format_table(rows))
     if report:
         print(convergence.format_report(report))

@@ -40,8 +40,10 @@ def add(subparsers) -> None:
         description="Train one TopK SAE per site (streaming, no activation cache). With no "
                     "options: the SmolLM2 starter suite (all 30 layers x res, mlp, att), cached "
                     "and reused. Interrupted runs resume from their last checkpoint.")
-    add_model_args(p)
-    p.set_defaults(dtype="bfloat16", func=run)
+    add_model_args(p, dtype_help="dtype of the model whose activations the SAEs learn (default "
+                                  "auto: bfloat16 on a GPU and on CPUs with fast bf16 products, "
+                                  "float32 elsewhere; suite.json records it)")
+    p.set_defaults(func=run)
     p.add_argument("--profile", default="starter", choices=list(PROFILES),
                    help="a named budget: " + "; ".join(f"{n}: {pr.config.tokens:,} tokens, "
                                                        f"{pr.about}" for n, pr in PROFILES.items())

@@ -34,7 +34,7 @@ def default_out(model: str, sites: str, cfg, prof) -> Path:
 
 
 def train(profile: str = "starter", sites: str = "all", changes: dict | None = None,
-          model: str | None = None, device: str = "cpu", dtype: str = "bfloat16",
+          model: str | None = None, device: str = "cpu", dtype: str = "auto",
           out: str | None = None, resume: bool = False, restart: bool = False,
           progress: bool = True, log: Log = print) -> TrainRun:
     """Train (or continue, or reuse) the suite of ``profile`` with ``changes`` to its
